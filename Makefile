@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine:  `make demo`  and  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+.PHONY: demo test test-fast bench venv clean
+
+$(BIN)/tmad-ray: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: with torch already installed, the package's range keeps this (CPU) build.
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/tmad-ray
+
+demo: venv
+	$(BIN)/python tune.py
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not integration"
+
+bench: venv
+	$(BIN)/tmad-ray bench data --out bench/data.json
+
+clean:
+	rm -rf $(VENV) data cache ray_results outputs mlflow.db .pytest_cache

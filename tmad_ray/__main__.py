@@ -1,0 +1,3 @@
+from tmad_ray.cli import main
+
+raise SystemExit(main())

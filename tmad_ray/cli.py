@@ -1,0 +1,142 @@
+"""``tmad-ray`` subcommands (also ``python -m tmad_ray``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tmad_ray.config import ConfigError, load_config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="experiment YAML (default: experiments/default.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+
+
+def cmd_synth(args) -> int:
+    from tmad_ray.data.synthetic import make_dataset
+
+    params = make_dataset(args.out, seed=args.seed, videos_per_class=args.videos_per_class, size=args.size,
+                          frames=args.frames, overwrite=args.overwrite)
+    n = params["videos_per_class"] * len(params["classes"])
+    print(f"wrote {n} videos ({params['height']}x{params['width']}, {params['frames']} frames, "
+          f"classes {', '.join(params['classes'])}) to {args.out}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from tmad_ray.data.check import check_dataset
+    from tmad_ray.data.manifest import ManifestError
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        report = check_dataset(args.root, label_mode=cfg.data.label_mode, max_bad_fraction=cfg.data.max_bad_fraction,
+                               timeout_s=cfg.data.decode_timeout_s)
+    except ManifestError as e:
+        if args.json:
+            print(json.dumps({"ok": False, "root": args.root, "videos": 0,
+                              "problems": [{"path": args.root, "line": None, "file": None, "reason": str(e)}]}))
+        else:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.as_dict(), indent=1) if args.json else report.summary())
+    return 0 if report.ok else 1
+
+
+def prepare_data(cfg, quiet: bool = False):
+    """Generate the embedded dataset if the config asks for it, then fill the clip cache.
+
+    Returns ``(manifest, report)``; the data report is written to ``<output_dir>/data_report.json``.
+    """
+    import ray
+
+    from tmad_ray.data.manifest import load_manifest
+    from tmad_ray.data.pipeline import fill_cache
+    from tmad_ray.data.synthetic import ensure_synthetic
+
+    ensure_synthetic(cfg.data)
+    manifest = load_manifest(cfg.data.root, cfg.data.label_mode, cfg.data.val_fraction, cfg.data.split_seed)
+    if quiet:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    report = fill_cache(manifest, cfg)
+    out = Path(cfg.storage.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data_report.json").write_text(json.dumps(report.as_dict(), indent=1))
+    return manifest, report
+
+
+def cmd_data_cache(args) -> int:
+    from tmad_ray.data.pipeline import DataError, check_bad_fraction
+
+    cfg = load_config(args.config, args.overrides)
+    _, report = prepare_data(cfg, quiet=args.json)
+    d = report.as_dict()
+    if args.json:
+        print(json.dumps(d, indent=1))
+    else:
+        print(f"videos {d['videos']}: decoded {d['decoded']}, reused {d['reused']}, bad {d['bad']}; "
+              f"{d['clips_written']} clips written in {d['seconds']:.1f} s ({d['clips_per_s']:.1f} clips/s)")
+        print(f"cache: {d['cache']}")
+        for p in report.bad:
+            print(f"  bad: {p}")
+    try:
+        check_bad_fraction(report, cfg.data.max_bad_fraction)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench_data(args) -> int:
+    from tmad_ray.bench.data import run_data_bench
+
+    cfg = load_config(args.config, args.overrides)
+    run_data_bench(cfg, out=args.out, videos_per_class=args.videos_per_class, size=args.size,
+                   frames=args.frames)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tmad-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the embedded synthetic dataset (real H.264 MP4s)")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--videos-per-class", type=int, default=24)
+    p.add_argument("--size", default="64", help="frame size: 64 or HxW such as 240x320")
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_synth)
+
+    data = sub.add_parser("data", help="check a dataset or fill the clip cache").add_subparsers(dest="data_cmd", required=True)
+    p = data.add_parser("check", help="validate ROOT: every problem with file, line and reason")
+    p.add_argument("root")
+    p.add_argument("--json", action="store_true")
+    _config_args(p)
+    p.set_defaults(fn=cmd_data_check)
+    p = data.add_parser("cache", help="decode the dataset of a config into the clip cache (once)")
+    p.add_argument("--json", action="store_true")
+    _config_args(p)
+    p.set_defaults(fn=cmd_data_cache)
+
+    bench = sub.add_parser("bench", help="benchmarks (results as JSON)").add_subparsers(dest="bench_cmd", required=True)
+    p = bench.add_parser("data", help="clips/s: per-step decode vs Ray Data decode vs clip cache")
+    p.add_argument("--out", default="bench/data.json")
+    p.add_argument("--videos-per-class", type=int, default=8)
+    p.add_argument("--size", default="240x320")
+    p.add_argument("--frames", type=int, default=96)
+    _config_args(p)
+    p.set_defaults(fn=cmd_bench_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,325 @@
+"""Typed configuration: YAML experiments validated by pydantic v2, plus dotted overrides.
+
+    cfg = load_config("experiments/default.yaml", ["train.epochs=3", "distill.alpha=0.5"])
+
+Every section forbids unknown keys, so a typo fails before Ray starts, naming the key.
+Relative paths are made absolute against the directory the command runs in (Tune moves the
+working directory of trials; DESIGN §11); URIs (``s3://...``) are left as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names every offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def parse_layer_set(text: str) -> list[int]:
+    """``"-1,-4,-8"`` -> ``[-1, -4, -8]``; 0 is not a layer (indices are 1-based)."""
+    try:
+        layers = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"layer set {text!r} must be comma-separated integers") from e
+    if not layers or 0 in layers:
+        raise ValueError(f"layer set {text!r} must be non-empty 1-based (or negative) indices")
+    return layers
+
+
+class SynthConfig(_Strict):
+    """The embedded default dataset, generated into ``data.root`` when it is missing."""
+
+    seed: int = 0
+    videos_per_class: int = Field(24, ge=2)
+    size: int = Field(64, ge=16, le=1024)
+    frames: int = Field(32, ge=8, le=512)
+
+
+class DataConfig(_Strict):
+    root: str = "data/synth"
+    label_mode: Literal["as_is", "first", "binary"] = "as_is"
+    # No val.csv: a seeded, stratified split of train (DESIGN §3).
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+    num_frames: int = Field(16, ge=1, le=512)
+    sampling: Literal["stride", "segment"] = "stride"
+    sampling_rate: int = Field(4, ge=1)
+    image_size: int = Field(224, ge=8)
+    # Train views are stored as squares of this side so the worker can random-crop image_size.
+    train_short_side: int | None = None
+    # Temporal views per training video, drawn once per study (seeded) and cached.
+    train_views: int = Field(2, ge=1, le=64)
+    eval_clips: int = Field(2, ge=1, le=32)
+    eval_crops: Literal[1, 3] = 3
+    seed: int = 0
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    decode_timeout_s: float = Field(120.0, gt=0)
+    # Decode tasks (actors) in the Ray Data pipeline; None = every CPU Ray has.
+    decode_concurrency: int | None = Field(None, ge=1)
+    synthetic: SynthConfig | None = None
+
+    @model_validator(mode="after")
+    def _short_side(self) -> "DataConfig":
+        if self.train_short_side is None:
+            # The usual 256/224 ratio of video recipes.
+            object.__setattr__(self, "train_short_side", round(self.image_size * 8 / 7))
+        if self.train_short_side < self.image_size:
+            raise ValueError(
+                f"data.train_short_side ({self.train_short_side}) must be >= data.image_size ({self.image_size})"
+            )
+        return self
+
+
+class TeacherConfig(_Strict):
+    # A hub name (MCG-NJU/videomae-base) or a local directory written by save_pretrained.
+    name: str = "MCG-NJU/videomae-base"
+
+
+class AssistantConfig(_Strict):
+    """An AMD checkpoint: from ``path`` if given, else from the zoo (downloaded with gdown)."""
+
+    arch: Literal["vit-s", "vit-b"] | None = "vit-s"
+    dataset: Literal["ssv2", "k400"] = "ssv2"
+    kind: Literal["finetune", "pretrain"] = "finetune"
+    path: str | None = None
+    # A VideoMAEConfig JSON for sizes other than vit-s / vit-b (the head count is not in the weights).
+    config: str | None = None
+    sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _arch_or_config(self) -> "AssistantConfig":
+        if self.arch is None and self.config is None:
+            raise ValueError("models.assistant needs `arch` (vit-s|vit-b) or `config` (a VideoMAEConfig JSON)")
+        return self
+
+
+class StudentConfig(_Strict):
+    """Exactly one of: ``name`` (hub / local dir), ``size`` (preset), or depth+width+heads."""
+
+    name: str | None = None
+    size: Literal["vit-tiny", "vit-s", "vit-b"] | None = None
+    depth: int | None = Field(None, ge=1)
+    width: int | None = Field(None, ge=8)
+    heads: int | None = Field(None, ge=1)
+    patch_size: int = Field(16, ge=1)
+    tubelet_size: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "StudentConfig":
+        explicit = [self.depth, self.width, self.heads]
+        given = [self.name is not None, self.size is not None, any(v is not None for v in explicit)]
+        if sum(given) != 1:
+            raise ValueError("models.student needs exactly one of: name, size, or depth+width+heads")
+        if any(v is not None for v in explicit):
+            if not all(v is not None for v in explicit):
+                raise ValueError("models.student: depth, width and heads go together")
+            if self.width % self.heads:
+                raise ValueError(f"models.student.width ({self.width}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class ModelsConfig(_Strict):
+    teacher: TeacherConfig = TeacherConfig()
+    assistant: AssistantConfig = AssistantConfig()
+    student: StudentConfig = StudentConfig(size="vit-s")
+    cache_dir: str = "~/.cache/tmad_ray"
+
+
+class DistillConfig(_Strict):
+    alpha: float = Field(1.0, ge=0)
+    beta: float = Field(1.0, ge=0)
+    gamma: float = Field(0.5, ge=0)
+    delta: float = Field(0.5, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    teacher_weight: float = Field(1.0, ge=0)
+    assistant_weight: float = Field(0.8, ge=0)
+    align_layers: list[int] = [-1, -2, -3]
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Query rows sampled for the attention term (None = all tokens).
+    attn_query_tokens: int | None = Field(None, ge=1)
+    # Pooled token grid of the asymmetric relational term: time steps x (space x space) cells.
+    asym_time: int | None = Field(None, ge=1)
+    asym_space: int = Field(4, ge=1)
+    cache_targets: bool = False
+
+    @field_validator("align_layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if not v or 0 in v:
+            raise ValueError("align_layers must be non-empty 1-based (or negative) block indices")
+        return v
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    flip: bool = True
+    seed: int = 0
+    max_failures: int = Field(2, ge=0)
+
+
+def _check_bounds(name: str, v: list[float]) -> list[float]:
+    if len(v) != 2 or not (0 < v[0] <= v[1]):
+        raise ValueError(f"{name} must be [low, high] with 0 < low <= high (log-uniform), got {v}")
+    return v
+
+
+class SearchConfig(_Strict):
+    num_samples: int = Field(6, ge=1)
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    seed: int = 0
+    algorithm: Literal["tpe", "nsga2"] = "tpe"
+    objectives: list[str] | None = None
+    alpha: list[float] = [0.3, 3.0]
+    beta: list[float] = [0.1, 10.0]
+    gamma: list[float] = [0.01, 3.0]
+    delta: list[float] = [0.01, 3.0]
+    temperature: list[float] = [1.0, 8.0]
+    lr: list[float] | None = None
+    align_layer_sets: list[str] = ["-1", "-1,-2", "-1,-2,-3", "-1,-4,-8"]
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2, gt=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    controller_failure_limit: int = Field(3, ge=0)
+
+    @field_validator("alpha", "beta", "gamma", "delta", "temperature", "lr")
+    @classmethod
+    def _bounds(cls, v: list[float] | None, info) -> list[float] | None:
+        return None if v is None else _check_bounds(f"search.{info.field_name}", v)
+
+    @field_validator("align_layer_sets")
+    @classmethod
+    def _sets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("align_layer_sets must list at least one layer set")
+        for s in v:
+            parse_layer_set(s)
+        return v
+
+
+class TrackingConfig(_Strict):
+    # MLFLOW_TRACKING_URI, when set, wins over this (the MLflow convention).
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "tmad_ray"
+    registered_model: str = "tmad_ray_student"
+
+
+class StorageConfig(_Strict):
+    clip_cache: str = "cache/clips"
+    ray_results: str = "ray_results"
+    output_dir: str = "outputs"
+
+
+class FaultsConfig(_Strict):
+    """Test-only fault injection, so tests can exercise the recovery paths. Leave empty."""
+
+    # Decoding a video whose path contains one of these strings sleeps forever.
+    hang_decode_on: list[str] = []
+
+
+class Config(_Strict):
+    name: str = "tmad"
+    data: DataConfig = DataConfig()
+    models: ModelsConfig = ModelsConfig()
+    distill: DistillConfig = DistillConfig()
+    train: TrainConfig = TrainConfig()
+    search: SearchConfig = SearchConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+    faults: FaultsConfig = FaultsConfig()
+
+
+def _is_uri(p: str) -> bool:
+    return "://" in p
+
+
+def _absolute(p: str | None, base: Path) -> str | None:
+    if p is None or _is_uri(p):
+        return p
+    return str((base / os.path.expanduser(p)).resolve())
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings; values are parsed as YAML (``3``, ``[-1,-2]``, ``null``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(tree: dict, source: str = "<dict>", base: Path | None = None) -> Config:
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+    base = Path.cwd() if base is None else base
+    cfg.data.root = _absolute(cfg.data.root, base)
+    cfg.models.cache_dir = _absolute(cfg.models.cache_dir, base)
+    for field in ("clip_cache", "ray_results", "output_dir"):
+        setattr(cfg.storage, field, _absolute(getattr(cfg.storage, field), base))
+    for field in ("path", "config"):
+        setattr(cfg.models.assistant, field, _absolute(getattr(cfg.models.assistant, field), base))
+    for model in (cfg.models.teacher, cfg.models.student):
+        # A name that is an existing local directory is a path; anything else is a hub name.
+        if model.name is not None and (base / model.name).is_dir():
+            model.name = str((base / model.name).resolve())
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load an experiment YAML (default: experiments/default.yaml) and apply overrides."""
+    path = Path(path) if path is not None else EXPERIMENTS_DIR / "default.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        tree = yaml.safe_load(f) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    apply_overrides(tree, list(overrides or []))
+    return config_from_dict(tree, source=str(path))
