@@ -172,8 +172,11 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None
     with av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        # One thread: x264 output is then identical from run to run.
-        stream.options = {"crf": "20", "preset": "veryfast", "threads": "1"}
+        # x264's lookahead threads make the output (and the decoded pixels) vary from run to
+        # run, even with one encoding thread: turn them off so a seed gives identical files.
+        stream.codec_context.thread_count = 1
+        stream.options = {"crf": "20", "preset": "veryfast",
+                          "x264-params": "threads=1:sync-lookahead=0:rc-lookahead=0:mbtree=0"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

@@ -1,0 +1,46 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tmad_ray.config import EXPERIMENTS_DIR, load_config
+from tmad_ray.data.synthetic import make_dataset
+
+# One auth mode for the driver and the local cluster it starts (Ray 2.59+ may enable tokens).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small embedded dataset (4 classes x 4 videos, 32 px, 16 frames), shared read-only."""
+    root = tmp_path_factory.mktemp("synth") / "ds"
+    make_dataset(root, seed=0, videos_per_class=4, size=32, frames=16)
+    return root
+
+
+@pytest.fixture
+def dataset_copy(synth_root, tmp_path) -> Path:
+    """A private copy of the small dataset that a test may damage."""
+    root = tmp_path / "ds"
+    shutil.copytree(synth_root, root)
+    return root
+
+
+def smoke_config(tmp_path: Path, root: Path, *overrides: str):
+    """experiments/smoke.yaml pointed at ``root`` with caches and outputs under ``tmp_path``."""
+    return load_config(EXPERIMENTS_DIR / "smoke.yaml", [
+        f"data.root={root}", "data.synthetic=null", f"storage.clip_cache={tmp_path / 'clips'}",
+        f"storage.output_dir={tmp_path / 'out'}", f"storage.ray_results={tmp_path / 'ray'}", *overrides,
+    ])

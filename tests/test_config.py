@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+
+from tmad_ray.config import EXPERIMENTS_DIR, ConfigError, config_from_dict, load_config, parse_layer_set
+
+EXPERIMENT_FILES = sorted(EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def test_there_are_the_three_required_experiments():
+    assert {"default.yaml", "smoke.yaml", "xd_violence.yaml"} <= {p.name for p in EXPERIMENT_FILES}
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_FILES, ids=lambda p: p.name)
+def test_every_experiment_file_loads(path):
+    cfg = load_config(path)
+    assert Path(cfg.data.root).is_absolute()
+    assert cfg.data.train_short_side >= cfg.data.image_size
+    for layer_set in cfg.search.align_layer_sets:
+        parse_layer_set(layer_set)
+
+
+def test_xd_violence_uses_real_models_and_gpus():
+    cfg = load_config(EXPERIMENTS_DIR / "xd_violence.yaml")
+    assert cfg.models.teacher.name == "MCG-NJU/videomae-base"
+    assert (cfg.models.assistant.arch, cfg.models.assistant.dataset) == ("vit-s", "ssv2")
+    assert cfg.models.student.size == "vit-s"
+    assert (cfg.data.num_frames, cfg.data.image_size) == (16, 224)
+    assert cfg.train.use_gpu
+
+
+def test_overrides_are_parsed_as_yaml_and_nested():
+    cfg = load_config(None, ["train.epochs=3", "distill.align_layers=[-1,-4]", "data.decode_concurrency=null",
+                             "distill.attn_query_tokens=64", "search.lr=[1e-5, 1e-3]"])
+    assert cfg.train.epochs == 3
+    assert cfg.distill.align_layers == [-1, -4]
+    assert cfg.data.decode_concurrency is None
+    assert cfg.distill.attn_query_tokens == 64
+    assert cfg.search.lr == [1e-5, 1e-3]
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("data.nmu_frames=3", "data.nmu_frames", "unknown key"),
+    ("traing.epochs=3", "traing", "unknown key"),
+    ("train.epochs=0", "train.epochs", "greater than or equal to 1"),
+    ("distill.alpha=high", "distill.alpha", "valid number"),
+    ("data.sampling=random", "data.sampling", "'stride' or 'segment'"),
+    ("data.val_fraction=1.5", "data.val_fraction", "less than 1"),
+    ("search.beta=[2, 1]", "search.beta", "low <= high"),
+    ("search.align_layer_sets=['-1,x']", "search.align_layer_sets", "comma-separated integers"),
+    ("distill.align_layers=[0]", "distill.align_layers", "1-based"),
+    ("data.train_short_side=16", "data", "train_short_side"),
+])
+def test_bad_values_fail_naming_the_key(override, key, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert f"  {key}" in msg and words in msg, msg
+
+
+def test_errors_list_every_bad_key_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.nmu_frames=3", "train.epochs=-1"])
+    assert "data.nmu_frames: unknown key" in str(e.value)
+    assert "train.epochs" in str(e.value)
+
+
+@pytest.mark.parametrize("student", [
+    {}, {"size": "vit-s", "name": "x"}, {"depth": 2, "width": 32}, {"depth": 2, "width": 30, "heads": 4},
+])
+def test_student_needs_exactly_one_consistent_source(student):
+    with pytest.raises(ConfigError, match="models"):
+        config_from_dict({"models": {"student": student}})
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.epochs"])
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(None, ["train.epochs.x=1"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("experiments/nope.yaml")
+
+
+def test_paths_become_absolute_but_uris_do_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local_teacher").mkdir()
+    cfg = config_from_dict({
+        "data": {"root": "ds"},
+        "storage": {"clip_cache": "s3://bucket/clips", "output_dir": "out"},
+        "models": {"teacher": {"name": "local_teacher"}, "student": {"name": "MCG-NJU/videomae-base"}},
+    })
+    assert cfg.data.root == str(tmp_path / "ds")
+    assert cfg.storage.output_dir == str(tmp_path / "out")
+    assert cfg.storage.clip_cache == "s3://bucket/clips"
+    assert cfg.models.teacher.name == str(tmp_path / "local_teacher")  # an existing dir is a path
+    assert cfg.models.student.name == "MCG-NJU/videomae-base"  # anything else stays a hub name
