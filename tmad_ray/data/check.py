@@ -31,8 +31,7 @@ class CheckReport:
     def as_dict(self) -> dict:
         return {"ok": self.ok, "root": self.root, "videos": self.videos,
                 "max_bad_fraction": self.max_bad_fraction,
-                "problems": [{"path": p.path, "line": p.line, "file": p.split_file, "reason": p.reason}
-                             for p in self.problems]}
+                "problems": [p.as_dict() for p in self.problems]}
 
     def summary(self) -> str:
         head = (f"{self.root}: {self.videos} videos listed, {len(self.problems)} problem(s) "

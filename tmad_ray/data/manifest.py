@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import random
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
@@ -46,7 +46,7 @@ class Problem:
     line: int | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {"path": self.path, "line": self.line, "file": self.split_file, "reason": self.reason}
 
     def __str__(self) -> str:
         where = f"{self.split_file}:{self.line}: " if self.split_file else ""

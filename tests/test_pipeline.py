@@ -1,0 +1,144 @@
+"""Ray Data decode into the clip cache: reuse, per-video invalidation, faults, atomicity."""
+
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from conftest import smoke_config
+from tmad_ray.data.cache import ClipCache, clips_from_batch, video_key
+from tmad_ray.data.clips import BadVideo, ViewSpec, decode_views
+from tmad_ray.data.manifest import load_manifest
+from tmad_ray.data.pipeline import clip_dataset, fill_cache
+from tmad_ray.data.sandbox import Sandbox
+from tmad_ray.data.synthetic import make_scene, render_video, write_mp4
+
+
+def manifest_of(cfg):
+    return load_manifest(cfg.data.root, cfg.data.label_mode, cfg.data.val_fraction, cfg.data.split_seed)
+
+
+# ---------------------------------------------------------------- cache entries (no Ray)
+
+def test_entry_round_trip_and_atomic_write(tmp_path):
+    cache = ClipCache(str(tmp_path / "c"))
+    clips = np.random.default_rng(0).integers(0, 255, size=(3, 4, 8, 8, 3), dtype=np.uint8)
+    assert cache.lookup("ab" * 32) == ("missing", None)
+    cache.write_clips("ab" * 32, "videos/x.mp4", clips)
+    ids, back = cache.read_clips("ab" * 32)
+    assert ids == ["videos/x.mp4"] * 3
+    np.testing.assert_array_equal(back, clips)
+
+    # A write that fails half-way leaves neither an entry nor a temporary file behind.
+    def broken(f):
+        f.write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        cache._atomic_write(cache.entry_path("cd" * 32), broken)
+    assert cache.lookup("cd" * 32) == ("missing", None)
+    assert [p.name for p in (tmp_path / "c" / "cd").iterdir()] == []
+
+
+def test_key_changes_with_file_and_decode_params(tmp_path):
+    video = tmp_path / "v.mp4"
+    write_mp4(video, render_video(make_scene("A", np.random.default_rng(0), 32, 32, 16)))
+    spec = ViewSpec("eval", 8, "stride", 2, 32, 37, 1, 1, 1, 0)
+    key = video_key(str(video), spec)
+    assert key == video_key(str(video), spec)
+    assert key != video_key(str(video), ViewSpec("eval", 8, "stride", 4, 32, 37, 1, 1, 1, 0))
+    os.utime(video, ns=(1, 1))
+    assert key != video_key(str(video), spec)
+
+
+def _crash():
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _bad():
+    raise BadVideo("nope")
+
+
+def _bug():
+    raise KeyError("a bug, not a bad video")
+
+
+def test_sandbox_turns_crashes_and_hangs_into_bad_videos_and_survives():
+    box = Sandbox()
+    try:
+        with pytest.raises(BadVideo, match="crashed"):
+            box.call(_crash, timeout=30)
+        with pytest.raises(BadVideo, match="timed out"):
+            box.call(time.sleep, 60, timeout=1)
+        with pytest.raises(BadVideo, match="nope"):
+            box.call(_bad, timeout=30)
+        with pytest.raises(RuntimeError, match="a bug, not a bad video"):
+            box.call(_bug, timeout=30)
+        assert box.call(sum, [1, 2, 3], timeout=30) == 6  # the replacement child works
+    finally:
+        box.close()
+
+
+# ---------------------------------------------------------------- Ray Data (integration)
+
+@pytest.mark.integration
+def test_second_run_decodes_nothing_and_changes_decode_only_themselves(dataset_copy, tmp_path, ray_local):
+    cfg = smoke_config(tmp_path, dataset_copy)
+    first = fill_cache(manifest_of(cfg), cfg)
+    assert (first.videos, first.decoded, first.reused, len(first.bad)) == (16, 16, 0, 0)
+    assert first.clips_written == 16  # smoke: 1 train view, 1x1 eval view
+
+    second = fill_cache(manifest_of(cfg), cfg)
+    assert (second.decoded, second.reused, second.clips_written) == (0, 16, 0)
+    assert second.entries == first.entries
+
+    # Re-encode one video (new content, new mtime) and add one: only those two are decoded.
+    changed = dataset_copy / "videos" / "B2_0003.mp4"
+    write_mp4(changed, render_video(make_scene("B2", np.random.default_rng(99), 32, 32, 16)))
+    shutil.copy(dataset_copy / "videos" / "G_0003.mp4", dataset_copy / "videos" / "G_extra.mp4")
+    with open(dataset_copy / "train.csv", "a") as f:
+        f.write("videos/G_extra.mp4 G\n")
+    third = fill_cache(manifest_of(cfg), cfg)
+    assert (third.decoded, third.reused) == (2, 15)
+    assert third.entries["train"]["videos/B2_0003.mp4"] != first.entries["train"]["videos/B2_0003.mp4"]
+
+    # Other decode parameters are other entries.
+    cfg2 = smoke_config(tmp_path, dataset_copy, "data.sampling_rate=1")
+    assert fill_cache(manifest_of(cfg2), cfg2).decoded == 17
+
+
+@pytest.mark.integration
+def test_a_hanging_decoder_costs_one_video_not_the_pipeline(dataset_copy, tmp_path, ray_local):
+    cfg = smoke_config(tmp_path, dataset_copy, "faults.hang_decode_on=[A_0003]", "data.decode_timeout_s=5")
+    report = fill_cache(manifest_of(cfg), cfg)
+    assert report.decoded == 15
+    (bad,) = report.bad
+    assert bad.path == "videos/A_0003.mp4" and "timed out after 5 s" in bad.reason
+    # A timeout is not cached as a verdict: without the fault the video decodes next time.
+    cfg_ok = smoke_config(tmp_path, dataset_copy, "data.decode_timeout_s=5")
+    again = fill_cache(manifest_of(cfg_ok), cfg_ok)
+    assert (again.decoded, again.reused, again.bad) == (1, 15, [])
+
+
+@pytest.mark.integration
+def test_clip_dataset_rows_hold_the_decoded_clips_and_labels(synth_root, tmp_path, ray_local):
+    cfg = smoke_config(tmp_path, synth_root, "data.train_views=2")
+    manifest = manifest_of(cfg)
+    report = fill_cache(manifest, cfg)
+    ds = clip_dataset(manifest, report, cfg, "train")
+    rows = ds.take_all()
+    assert len(rows) == 2 * len(manifest.rows["train"])
+    assert {(r["video_id"], int(r["view"])) for r in rows} == {
+        (row.path, v) for row in manifest.rows["train"] for v in (0, 1)}
+    labels = {row.path: manifest.label2id[row.label] for row in manifest.rows["train"]}
+    assert all(int(r["label"]) == labels[r["video_id"]] for r in rows)
+
+    batch = next(iter(ds.iter_batches(batch_size=4, batch_format="numpy")))
+    clips = clips_from_batch(batch)
+    assert clips.shape == (4, 8, 37, 37, 3) and clips.dtype == np.uint8
+    expected = decode_views(os.path.join(manifest.root, str(batch["video_id"][0])),
+                            ViewSpec.from_config(cfg.data, "train"))
+    np.testing.assert_array_equal(clips[0], expected[int(batch["view"][0])])
