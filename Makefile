@@ -26,7 +26,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "not integration"
 
 bench: venv
-	$(BIN)/tmad-ray bench data --out bench/data.json
+	$(BIN)/tmad-ray bench data --config experiments/xd_violence.yaml --out bench/data.json
 
 clean:
 	rm -rf $(VENV) data cache ray_results outputs mlflow.db .pytest_cache

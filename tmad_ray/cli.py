@@ -89,6 +89,45 @@ def cmd_data_cache(args) -> int:
     return 0
 
 
+def search_plan(cfg, manifest, report) -> str:
+    """What a study of this config will run, in words."""
+    s, t, d = cfg.search, cfg.train, cfg.distill
+    split_sizes = ", ".join(f"{k} {len(v)}" for k, v in manifest.rows.items())
+    space = ", ".join(f"{k} {getattr(s, k)} (log)" for k in ("alpha", "beta", "gamma", "delta"))
+    lines = [
+        f"study {cfg.name!r}",
+        f"  data      {manifest.root}: {split_sizes}; labels {manifest.labels}",
+        f"  clips     {report.decoded} videos decoded, {report.reused} reused, {len(report.bad)} bad; "
+        f"cache {report.cache}",
+        f"  search    {s.num_samples} trials, {s.algorithm.upper()} (seed {s.seed}), "
+        f"ASHA on epoch (grace {s.grace_period}, reduction {s.reduction_factor:g}, max {t.epochs}) "
+        f"-> {s.mode} {s.metric}",
+        f"  space     {space}, temperature {s.temperature}, layer sets {s.align_layer_sets}"
+        + (f", lr {s.lr} (log)" if s.lr else ""),
+        f"  trial     {t.num_workers} DDP workers x {t.cpus_per_worker:g} CPU{' + 1 GPU' if t.use_gpu else ''}, "
+        f"{t.epochs} epochs, batch {t.batch_size}; defaults alpha={d.alpha} beta={d.beta} gamma={d.gamma} "
+        f"delta={d.delta} T={d.temperature} layers={d.align_layers}",
+        f"  tracking  {cfg.tracking.tracking_uri} (experiment {cfg.tracking.experiment!r})",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_tune(args) -> int:
+    from tmad_ray.data.pipeline import DataError, check_bad_fraction
+
+    cfg = load_config(args.config, args.overrides)  # config errors stop here, before Ray starts
+    manifest, report = prepare_data(cfg)
+    try:
+        check_bad_fraction(report, cfg.data.max_bad_fraction)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(search_plan(cfg, manifest, report))
+    print("The data of this study is decoded and cached. The search itself (Ray Tune + Optuna, "
+          "MLflow runs) is not built yet: this command stops here.")
+    return 0
+
+
 def cmd_bench_data(args) -> int:
     from tmad_ray.bench.data import run_data_bench
 
@@ -122,12 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(fn=cmd_data_cache)
 
+    p = sub.add_parser("tune", help="the search (same as python tune.py); for now: prepare the data, print the plan")
+    _config_args(p)
+    p.set_defaults(fn=cmd_tune)
+
     bench = sub.add_parser("bench", help="benchmarks (results as JSON)").add_subparsers(dest="bench_cmd", required=True)
     p = bench.add_parser("data", help="clips/s: per-step decode vs Ray Data decode vs clip cache")
     p.add_argument("--out", default="bench/data.json")
-    p.add_argument("--videos-per-class", type=int, default=8)
+    p.add_argument("--videos-per-class", type=int, default=24)
     p.add_argument("--size", default="240x320")
-    p.add_argument("--frames", type=int, default=96)
+    p.add_argument("--frames", type=int, default=64)
     _config_args(p)
     p.set_defaults(fn=cmd_bench_data)
     return parser

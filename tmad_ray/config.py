@@ -43,7 +43,7 @@ class SynthConfig(_Strict):
     """The embedded default dataset, generated into ``data.root`` when it is missing."""
 
     seed: int = 0
-    videos_per_class: int = Field(24, ge=2)
+    videos_per_class: int = Field(24, ge=3)  # one each for train, val, test
     size: int = Field(64, ge=16, le=1024)
     frames: int = Field(32, ge=8, le=512)
 

@@ -200,6 +200,8 @@ def make_dataset(root: str | os.PathLike, seed: int = 0, videos_per_class: int =
     An existing dataset made with the same parameters is kept as it is.
     """
     root = Path(root)
+    if videos_per_class < 3:
+        raise ValueError(f"videos_per_class must be >= 3 (one for each of train, val, test), got {videos_per_class}")
     height, width = parse_size(size)
     params = {"generator": "tmad_ray.synthetic/v1", "seed": seed, "videos_per_class": videos_per_class,
               "height": height, "width": width, "frames": frames, "classes": CLASSES}
