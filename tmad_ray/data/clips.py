@@ -185,10 +185,14 @@ def open_video(path: str):
 def read_frames(reader, indices: np.ndarray) -> np.ndarray:
     """Frames at ``indices`` as ``[N,H,W,3]`` uint8, full resolution."""
     try:
-        return reader.get_batch(list(map(int, indices))).asnumpy()
+        frames = reader.get_batch(list(map(int, indices))).asnumpy()
     except Exception as e:
         raise BadVideo(f"decode failed at frames {int(indices.min())}..{int(indices.max())}: "
                        f"{str(e).splitlines()[0][:200]}") from None
+    # decord has returned 4-channel frames for some tiny frame sizes: never pass those on.
+    if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
+        raise BadVideo(f"decoder returned frames of shape {frames.shape} for {len(indices)} RGB frames")
+    return frames
 
 
 def probe_video(path: str) -> int:
