@@ -137,6 +137,43 @@ def cmd_bench_data(args) -> int:
     return 0
 
 
+def cmd_convert_amd(args) -> int:
+    from transformers import VideoMAEConfig
+
+    from tmad_ray.models import amd
+
+    sd, _ = amd.load_amd_file(args.ckpt)
+    if args.config:
+        config = VideoMAEConfig.from_json_file(args.config)
+        config.use_mean_pooling = config.use_mean_pooling and not args.pretrain
+    else:
+        head = sd.get("head.weight", sd.get("module.head.weight"))
+        config = amd.amd_config(args.arch, int(head.shape[0]) if head is not None else 1, image_size=args.image_size,
+                                num_frames=args.num_frames, pretrain=args.pretrain)
+    model = amd.build_converted(sd, config, pretrain=args.pretrain, drop_decoder=args.drop_decoder)
+    model.save_pretrained(args.out_dir)
+    kind = "VideoMAEModel" if args.pretrain else "VideoMAEForVideoClassification"
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.ckpt} -> {args.out_dir} ({kind}, {n / 1e6:.1f}M parameters, every key mapped)")
+    return 0
+
+
+def cmd_fetch_assistant(args) -> int:
+    from tmad_ray.models import amd
+
+    entry = amd.zoo_entry(args.arch, args.dataset, args.kind)
+    dest = Path(args.dest or load_config(None).models.cache_dir) / entry.filename
+    try:
+        path = amd.fetch(entry.url, dest, sha256=args.sha256, file_id=entry.file_id)
+    except amd.FetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{path}\nsha256 {amd.sha256_file(path)}\n"
+          f"use it with: models.assistant.path={path} models.assistant.arch={args.arch}"
+          + (" models.assistant.kind=pretrain" if args.kind == "pretrain" else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tmad-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _config_args(p)
     p.set_defaults(fn=cmd_data_cache)
+
+    p = sub.add_parser("fetch-assistant", help="download an AMD zoo checkpoint (gdown), verified and cached")
+    p.add_argument("--arch", choices=["vit-s", "vit-b"], required=True)
+    p.add_argument("--dataset", choices=["ssv2", "k400"], default="ssv2")
+    p.add_argument("--kind", choices=["finetune", "pretrain"], default="finetune")
+    p.add_argument("--dest", default=None, help="directory (default: models.cache_dir, ~/.cache/tmad_ray)")
+    p.add_argument("--sha256", default=None, help="expected checksum, when known")
+    p.set_defaults(fn=cmd_fetch_assistant)
+
+    p = sub.add_parser("convert-amd", help="convert an AMD checkpoint to a transformers directory")
+    p.add_argument("ckpt")
+    p.add_argument("out_dir")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--arch", choices=["vit-s", "vit-b"])
+    g.add_argument("--config", help="VideoMAEConfig JSON for other sizes (the head count is not in the weights)")
+    p.add_argument("--pretrain", action="store_true", help="a pretraining checkpoint: encoder only -> VideoMAEModel")
+    p.add_argument("--drop-decoder", action="store_true", help="drop a pretraining checkpoint's decoder keys")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--num-frames", type=int, default=16)
+    p.set_defaults(fn=cmd_convert_amd)
 
     p = sub.add_parser("tune", help="the search (same as python tune.py); for now: prepare the data, print the plan")
     _config_args(p)

@@ -1,0 +1,1 @@
+"""Models: teacher and student from transformers (hf), the AMD assistant (amd), the toy zoo (toyzoo)."""
