@@ -1,11 +1,15 @@
 import os
-import shutil
-from pathlib import Path
 
-import pytest
+# No test reaches a hub: huggingface_hub reads this when imported, so set it before anything is.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
-from tmad_ray.config import EXPERIMENTS_DIR, load_config
-from tmad_ray.data.synthetic import make_dataset
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tmad_ray.config import EXPERIMENTS_DIR, load_config  # noqa: E402
+from tmad_ray.data.synthetic import make_dataset  # noqa: E402
 
 # One auth mode for the driver and the local cluster it starts (Ray 2.59+ may enable tokens).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -71,7 +71,7 @@ def load_teacher(name: str) -> torch.nn.Module:
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0]}\n{_how_to_provide(name)}") from None
     if info.get("missing_keys"):
-        raise ModelError(f"{name}: weights missing from the checkpoint: {info['missing_keys'][:10]} "
+        raise ModelError(f"{name}: weights missing from the checkpoint: {sorted(info['missing_keys'])[:10]} "
                          "(they would be random; refusing)")
     return model.eval()
 
@@ -82,10 +82,11 @@ def build_student(student_cfg, data_cfg, labels: list[str]) -> VideoMAEForVideoC
     if s.name is not None:
         _resolve_config(s.name)  # a clear error when it cannot be found
         model, info = VideoMAEForVideoClassification.from_pretrained(
-            s.name, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True, output_loading_info=True)
+            s.name, id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+            ignore_mismatched_sizes=True, output_loading_info=True)
         # Only the classifier (new labels) and its norm may be new; a missing backbone weight is an error.
-        new = [k for k in info.get("missing_keys", []) + [m[0] for m in info.get("mismatched_keys", [])]
+        mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
+        new = [k for k in [*info.get("missing_keys", []), *mismatched]
                if not k.startswith(("classifier.", "fc_norm."))]
         if new:
             raise ModelError(f"student {s.name}: backbone weights missing from the checkpoint: {new[:10]}")
