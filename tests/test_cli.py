@@ -44,6 +44,12 @@ def test_tune_py_prepares_the_smoke_study_once(tmp_path):
     assert "clips     16 videos decoded, 0 reused, 0 bad" in first.stdout
     assert "search    2 trials, TPE" in first.stdout
     assert "not built yet" in first.stdout  # honest about what it does not do yet
+    # The toy zoo was trained into the working directory and every model came through its loader.
+    assert (tmp_path / "zoo_smoke" / "zoo.json").is_file()
+    assert "teacher   VideoMAEForVideoClassification: 2 blocks" not in first.stdout  # the toy teacher is bigger
+    assert "teacher   VideoMAEForVideoClassification: 4 blocks x 128 wide" in first.stdout
+    assert "assistant VideoMAEForVideoClassification: 4 blocks x 96 wide, 3 heads" in first.stdout
+    assert "student   VideoMAEForVideoClassification: 2 blocks x 32 wide, 2 heads" in first.stdout
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert (report["videos"], report["decoded"], report["bad"]) == (16, 16, 0)
     second = run(*args, cwd=tmp_path)

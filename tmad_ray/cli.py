@@ -112,19 +112,47 @@ def search_plan(cfg, manifest, report) -> str:
     return "\n".join(lines)
 
 
+def load_models(cfg, labels: list[str]) -> dict:
+    """Teacher, assistant and student through the normal loaders, checked for one tokenization."""
+    from tmad_ray.models.hf import build_student, check_tokenization, load_assistant, load_teacher
+    from tmad_ray.models.toyzoo import ensure_toy_zoo
+
+    ensure_toy_zoo(cfg)
+    models = {"teacher": load_teacher(cfg.models.teacher.name),
+              "assistant": load_assistant(cfg.models, cfg.data),
+              "student": build_student(cfg.models.student, cfg.data, labels)}
+    check_tokenization(models, cfg.data)
+    return models
+
+
+def describe_models(models: dict) -> str:
+    lines = []
+    for role, m in models.items():
+        c = m.config
+        head = f"{c.num_labels} classes" if hasattr(m, "classifier") else "no classifier (features only)"
+        lines.append(f"  {role:<9} {type(m).__name__}: {c.num_hidden_layers} blocks x {c.hidden_size} wide, "
+                     f"{c.num_attention_heads} heads, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
+                     f"{head}")
+    return "\n".join(lines)
+
+
 def cmd_tune(args) -> int:
     from tmad_ray.data.pipeline import DataError, check_bad_fraction
+    from tmad_ray.models.amd import ConversionError, FetchError
+    from tmad_ray.models.hf import ModelError
 
     cfg = load_config(args.config, args.overrides)  # config errors stop here, before Ray starts
     manifest, report = prepare_data(cfg)
     try:
         check_bad_fraction(report, cfg.data.max_bad_fraction)
-    except DataError as e:
+        models = load_models(cfg, manifest.labels)
+    except (DataError, ModelError, FetchError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(search_plan(cfg, manifest, report))
-    print("The data of this study is decoded and cached. The search itself (Ray Tune + Optuna, "
-          "MLflow runs) is not built yet: this command stops here.")
+    print(describe_models(models))
+    print("The data of this study is decoded and cached and its models load. The search itself (Ray Tune + "
+          "Optuna, MLflow runs) is not built yet: this command stops here.")
     return 0
 
 
@@ -155,6 +183,25 @@ def cmd_convert_amd(args) -> int:
     kind = "VideoMAEModel" if args.pretrain else "VideoMAEForVideoClassification"
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {args.ckpt} -> {args.out_dir} ({kind}, {n / 1e6:.1f}M parameters, every key mapped)")
+    return 0
+
+
+def cmd_zoo(args) -> int:
+    from tmad_ray.data.synthetic import ensure_synthetic
+    from tmad_ray.models.toyzoo import build_zoo
+
+    cfg = load_config(args.config, args.overrides)
+    z = cfg.models.toy_zoo
+    if z is None:
+        print("error: the config has no models.toy_zoo section (the toy zoo is for the embedded default)",
+              file=sys.stderr)
+        return 2
+    ensure_synthetic(cfg.data)
+    out = args.out or z.dir
+    r = build_zoo(cfg, out, seed=z.seed, clips_per_class=z.clips_per_class, epochs=z.epochs)
+    print(f"toy zoo in {out} ({r['seconds']:.0f} s): teacher val accuracy {r['teacher']['val_accuracy']:.3f} "
+          f"(4 classes, chance 0.25); assistant ({r['assistant']['task']}) val accuracy "
+          f"{r['assistant']['val_accuracy']:.3f} (chance 0.25)")
     return 0
 
 
@@ -198,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(fn=cmd_data_cache)
 
+    p = sub.add_parser("zoo", help="train the toy teacher and assistant of the embedded default")
+    p.add_argument("--out", default=None, help="directory (default: models.toy_zoo.dir of the config)")
+    _config_args(p)
+    p.set_defaults(fn=cmd_zoo)
+
     p = sub.add_parser("fetch-assistant", help="download an AMD zoo checkpoint (gdown), verified and cached")
     p.add_argument("--arch", choices=["vit-s", "vit-b"], required=True)
     p.add_argument("--dataset", choices=["ssv2", "k400"], default="ssv2")
@@ -218,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=16)
     p.set_defaults(fn=cmd_convert_amd)
 
-    p = sub.add_parser("tune", help="the search (same as python tune.py); for now: prepare the data, print the plan")
+    p = sub.add_parser("tune", help="the search (same as python tune.py); for now: prepare data and models, print the plan")
     _config_args(p)
     p.set_defaults(fn=cmd_tune)
 

@@ -131,7 +131,17 @@ class StudentConfig(_Strict):
         return self
 
 
+class ToyZooConfig(_Strict):
+    """The toy zoo of the embedded default, trained into ``dir`` when it is missing (tmad-ray zoo)."""
+
+    dir: str = "zoo"
+    seed: int = 0
+    clips_per_class: int = Field(200, ge=4)
+    epochs: int = Field(12, ge=1)
+
+
 class ModelsConfig(_Strict):
+    toy_zoo: ToyZooConfig | None = None
     teacher: TeacherConfig = TeacherConfig()
     assistant: AssistantConfig = AssistantConfig()
     student: StudentConfig = StudentConfig(size="vit-s")
@@ -301,6 +311,12 @@ def config_from_dict(tree: dict, source: str = "<dict>", base: Path | None = Non
     base = Path.cwd() if base is None else base
     cfg.data.root = _absolute(cfg.data.root, base)
     cfg.models.cache_dir = _absolute(cfg.models.cache_dir, base)
+    if cfg.models.toy_zoo is not None:
+        cfg.models.toy_zoo.dir = _absolute(cfg.models.toy_zoo.dir, base)
+        # The toy zoo's teacher is a directory that may not exist yet: it is a path, not a hub name.
+        zoo_teacher = Path(cfg.models.toy_zoo.dir) / "teacher"
+        if cfg.models.teacher.name and (base / cfg.models.teacher.name).resolve() == zoo_teacher:
+            cfg.models.teacher.name = str(zoo_teacher)
     for field in ("clip_cache", "ray_results", "output_dir"):
         setattr(cfg.storage, field, _absolute(getattr(cfg.storage, field), base))
     for field in ("path", "config"):
