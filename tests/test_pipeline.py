@@ -142,3 +142,13 @@ def test_clip_dataset_rows_hold_the_decoded_clips_and_labels(synth_root, tmp_pat
     expected = decode_views(os.path.join(manifest.root, str(batch["video_id"][0])),
                             ViewSpec.from_config(cfg.data, "train"))
     np.testing.assert_array_equal(clips[0], expected[int(batch["view"][0])])
+
+
+@pytest.mark.integration
+def test_a_video_in_two_eval_splits_is_decoded_once_and_in_both(dataset_copy, tmp_path, ray_local):
+    with open(dataset_copy / "test.csv", "a") as f:
+        f.write("videos/A_0000.mp4 A\n")  # also in val.csv
+    cfg = smoke_config(tmp_path, dataset_copy)
+    report = fill_cache(manifest_of(cfg), cfg)
+    assert (report.videos, report.decoded, report.bad) == (17, 16, [])
+    assert report.entries["val"]["videos/A_0000.mp4"] == report.entries["test"]["videos/A_0000.mp4"]

@@ -114,7 +114,7 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
     cache = ClipCache(cfg.storage.clip_cache)
     # Lines the manifest already rejected (malformed, unknown label, missing video) count as bad.
     report = CacheReport(cache=cfg.storage.clip_cache, videos=len(manifest.problems), bad=list(manifest.problems))
-    todo, queued = [], set()
+    todo, waiting = [], {}  # key -> every (split, row) that needs it (a video may be listed twice)
     for split in splits:
         spec = ViewSpec.from_config(cfg.data, MODES[split])
         report.entries[split] = {}
@@ -126,7 +126,8 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
             except FileNotFoundError:
                 report.bad.append(Problem(row.path, "missing video", row.file, row.line))
                 continue
-            if key in queued:  # the same video listed twice in one split
+            if key in waiting:
+                waiting[key].append((split, row))
                 continue
             state, reason = cache.lookup(key)
             if state == "clips":
@@ -135,9 +136,8 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
             elif state == "bad":
                 report.bad.append(Problem(row.path, reason, row.file, row.line))
             else:
-                queued.add(key)
-                todo.append({"abspath": abspath, "key": key, "video_id": row.path, "split": split,
-                             "line": row.line, "file": row.file, "spec": dataclasses.asdict(spec)})
+                waiting[key] = [(split, row)]
+                todo.append({"abspath": abspath, "key": key, "video_id": row.path, "spec": dataclasses.asdict(spec)})
 
     t0 = time.perf_counter()
     if todo:
@@ -145,8 +145,7 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
             ray.init()  # attaches to the cluster under `ray job submit`, else starts a local one
         size = min(_decode_concurrency(cfg), len(todo))
         statuses = (
-            ray.data.from_items([{k: t[k] for k in ("abspath", "key", "video_id", "spec")} for t in todo],
-                                override_num_blocks=len(todo))
+            ray.data.from_items(todo, override_num_blocks=len(todo))
             .map_batches(DecodeToCache, batch_size=1, num_cpus=1,
                          compute=ray.data.ActorPoolStrategy(size=size),
                          fn_constructor_kwargs={"cache_uri": cfg.storage.clip_cache,
@@ -154,17 +153,17 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
                                                 "hang_on": cfg.faults.hang_decode_on})
             .take_all()
         )
-        done = {s["key"]: s for s in statuses}
-        for t in todo:
-            s = done.get(t["key"])
-            if s is None:
-                raise DataError(f"the decode pipeline returned no status for {t['video_id']}")
-            if s["status"] == "decoded":
+        for status in statuses:
+            rows = waiting.pop(str(status["key"]))
+            if status["status"] == "decoded":
                 report.decoded += 1
-                report.clips_written += int(s["clips"])
-                report.entries[t["split"]][t["video_id"]] = t["key"]
+                report.clips_written += int(status["clips"])
+                for split, row in rows:
+                    report.entries[split][row.path] = str(status["key"])
             else:
-                report.bad.append(Problem(t["video_id"], str(s["detail"]), t["file"], t["line"]))
+                report.bad += [Problem(row.path, str(status["detail"]), row.file, row.line) for _, row in rows]
+        if waiting:
+            raise DataError(f"the decode pipeline returned no status for {[r.path for v in waiting.values() for _, r in v]}")
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -161,7 +161,6 @@ def build_zoo(cfg, out: str | Path, seed: int = 0, clips_per_class: int = 200, e
     """Train both models for ``cfg``'s tokenization and write ``out/{teacher/, assistant.pth, ...}``."""
     from transformers import VideoMAEForVideoClassification
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(out)
     d, s = cfg.data, cfg.models.student
     if d.synthetic is None:
