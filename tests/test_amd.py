@@ -155,3 +155,10 @@ def test_convert_amd_cli_round_trip(tmp_path, ref, clip):
     model = VideoMAEForVideoClassification.from_pretrained(out).eval()
     with torch.no_grad():
         assert (ours(model, clip) - ref(clip)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "backbone."])
+def test_label_count_is_read_from_the_head_whatever_the_prefix(prefix):
+    sd = {f"{prefix}head.weight": torch.zeros(174, 384), f"{prefix}head.bias": torch.zeros(174)}
+    config = amd.target_config(sd, arch="vit-s")
+    assert (config.num_labels, config.num_attention_heads, config.hidden_size) == (174, 6, 384)

@@ -166,18 +166,10 @@ def cmd_bench_data(args) -> int:
 
 
 def cmd_convert_amd(args) -> int:
-    from transformers import VideoMAEConfig
-
     from tmad_ray.models import amd
 
     sd, _ = amd.load_amd_file(args.ckpt)
-    if args.config:
-        config = VideoMAEConfig.from_json_file(args.config)
-        config.use_mean_pooling = config.use_mean_pooling and not args.pretrain
-    else:
-        head = sd.get("head.weight", sd.get("module.head.weight"))
-        config = amd.amd_config(args.arch, int(head.shape[0]) if head is not None else 1, image_size=args.image_size,
-                                num_frames=args.num_frames, pretrain=args.pretrain)
+    config = amd.target_config(sd, args.arch, args.config, args.image_size, args.num_frames, args.pretrain)
     model = amd.build_converted(sd, config, pretrain=args.pretrain, drop_decoder=args.drop_decoder)
     model.save_pretrained(args.out_dir)
     kind = "VideoMAEModel" if args.pretrain else "VideoMAEForVideoClassification"

@@ -229,6 +229,19 @@ def _strip(key: str) -> str:
     return key
 
 
+def target_config(amd_sd: dict[str, torch.Tensor], arch: str | None = None, config_json: str | None = None,
+                  image_size: int = 224, num_frames: int = 16, pretrain: bool = False) -> VideoMAEConfig:
+    """The transformers config to convert into: an explicit VideoMAEConfig JSON, or ``arch`` with
+    the label count read from the checkpoint's head (the head count is never in the weights)."""
+    if config_json is not None:
+        config = VideoMAEConfig.from_json_file(config_json)
+        config.use_mean_pooling = config.use_mean_pooling and not pretrain
+        return config
+    heads = [v for k, v in amd_sd.items() if _strip(k) == "head.weight"]
+    num_labels = int(heads[0].shape[0]) if heads else 1
+    return amd_config(arch, num_labels, image_size=image_size, num_frames=num_frames, pretrain=pretrain)
+
+
 def convert_state_dict(amd_sd: dict[str, torch.Tensor], config: VideoMAEConfig, pretrain: bool = False,
                        drop_decoder: bool = False) -> dict[str, torch.Tensor]:
     """AMD state dict -> a state dict for ``VideoMAEForVideoClassification(config)``

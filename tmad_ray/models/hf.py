@@ -14,7 +14,6 @@ which model differs in what, before any training starts.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -97,16 +96,6 @@ def build_student(student_cfg, data_cfg, labels: list[str]) -> VideoMAEForVideoC
     return VideoMAEForVideoClassification(config)
 
 
-def assistant_config(a, data_cfg, num_labels: int, pretrain: bool) -> VideoMAEConfig:
-    if a.config is not None:
-        with open(a.config) as f:
-            config = VideoMAEConfig(**json.load(f))
-        config.use_mean_pooling = config.use_mean_pooling and not pretrain
-        return config
-    return amd.amd_config(a.arch, num_labels, image_size=data_cfg.image_size, num_frames=data_cfg.num_frames,
-                          pretrain=pretrain)
-
-
 def load_assistant(models_cfg, data_cfg) -> torch.nn.Module:
     """The AMD assistant: ``path`` if set, else the zoo file (downloaded and verified)."""
     a = models_cfg.assistant
@@ -123,9 +112,8 @@ def load_assistant(models_cfg, data_cfg) -> torch.nn.Module:
                          file_id=entry.file_id)
     sd, _ = amd.load_amd_file(path)
     pretrain = a.kind == "pretrain"
-    head = sd.get("head.weight", sd.get("module.head.weight"))
-    num_labels = int(head.shape[0]) if head is not None else 1
-    return amd.build_converted(sd, assistant_config(a, data_cfg, num_labels, pretrain), pretrain=pretrain)
+    config = amd.target_config(sd, a.arch, a.config, data_cfg.image_size, data_cfg.num_frames, pretrain)
+    return amd.build_converted(sd, config, pretrain=pretrain)
 
 
 def check_tokenization(models: dict[str, torch.nn.Module], data_cfg) -> None:
