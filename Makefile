@@ -27,6 +27,7 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/tmad-ray bench data --config experiments/xd_violence.yaml --out bench/data.json
+	$(BIN)/tmad-ray bench step --config experiments/default.yaml --out bench/step.json
 
 clean:
 	rm -rf $(VENV) data cache ray_results outputs mlflow.db .pytest_cache

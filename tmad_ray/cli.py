@@ -165,6 +165,15 @@ def cmd_bench_data(args) -> int:
     return 0
 
 
+def cmd_bench_step(args) -> int:
+    from tmad_ray.bench.step import run_step_bench
+
+    cfg = load_config(args.config, args.overrides)
+    ks = [int(k) for k in args.attn_layers.split(",")] if args.attn_layers else None
+    run_step_bench(cfg, out=args.out, steps=args.steps, warmup=args.warmup, attn_ks=ks, threads=args.threads)
+    return 0
+
+
 def cmd_convert_amd(args) -> int:
     from tmad_ray.models import amd
 
@@ -274,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=64)
     _config_args(p)
     p.set_defaults(fn=cmd_bench_data)
+    p = bench.add_parser("step", help="training step time and peak memory: student, tri-model, attention variants")
+    p.add_argument("--out", default="bench/step.json")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--attn-layers", default=None, help="k values for attention at k layers, e.g. 1,2,4")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    _config_args(p)
+    p.set_defaults(fn=cmd_bench_step)
     return parser
 
 

@@ -15,7 +15,6 @@ config's train views.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import shutil
@@ -23,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tmad_ray.bench import write_result
 from tmad_ray.data.cache import ClipCache, clips_from_batch
 from tmad_ray.data.clips import ViewSpec, decode_views
 from tmad_ray.data.manifest import load_manifest
@@ -97,11 +97,7 @@ def run_data_bench(cfg, out: str, videos_per_class: int = 24, size: str = "240x3
         "clips": {"a": n_a, "b": report.clips_written, "c": n_c},
         "cache_mb": round(cache_bytes / 2**20, 1),
     }
-    print(format_table(result))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
-    return result
+    return write_result(result, out, format_table(result))
 
 
 def format_table(r: dict) -> str:

@@ -1,0 +1,1 @@
+"""Distillation: pure losses and the tri-model module."""
