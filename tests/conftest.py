@@ -20,7 +20,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # The dashboard stays on: without it, trials that ASHA stops leak their placement groups (DESIGN §11).
+        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -48,3 +49,15 @@ def smoke_config(tmp_path: Path, root: Path, *overrides: str):
         f"data.root={root}", "data.synthetic=null", f"storage.clip_cache={tmp_path / 'clips'}",
         f"storage.output_dir={tmp_path / 'out'}", f"storage.ray_results={tmp_path / 'ray'}", *overrides,
     ])
+
+
+@pytest.fixture(scope="session")
+def smoke_zoo(tmp_path_factory, synth_root) -> list[str]:
+    """A toy zoo for the smoke tokenization, built once; returns the overrides that point at it."""
+    from tmad_ray.models.toyzoo import build_zoo
+
+    out = tmp_path_factory.mktemp("zoo")
+    cfg = load_config(EXPERIMENTS_DIR / "smoke.yaml", [f"data.root={synth_root}"])
+    build_zoo(cfg, out, seed=0, clips_per_class=8, epochs=1, log=lambda *a: None)
+    return [f"models.toy_zoo.dir={out}", f"models.teacher.name={out / 'teacher'}",
+            f"models.assistant.path={out / 'assistant.pth'}", f"models.assistant.config={out / 'assistant_config.json'}"]

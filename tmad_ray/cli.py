@@ -125,6 +125,25 @@ def load_models(cfg, labels: list[str]) -> dict:
     return models
 
 
+def prepare_errors() -> tuple:
+    """The errors of preparing a study that are the user's to fix (printed, exit 1)."""
+    from tmad_ray.data.manifest import ManifestError
+    from tmad_ray.data.pipeline import DataError
+    from tmad_ray.models.amd import ConversionError, FetchError
+    from tmad_ray.models.hf import ModelError
+
+    return (DataError, ManifestError, ModelError, FetchError, ConversionError)
+
+
+def prepare_study(cfg):
+    """Data cached once (bad fraction checked) and every model loaded: (manifest, report, models)."""
+    from tmad_ray.data.pipeline import check_bad_fraction
+
+    manifest, report = prepare_data(cfg)
+    check_bad_fraction(report, cfg.data.max_bad_fraction)
+    return manifest, report, load_models(cfg, manifest.labels)
+
+
 def describe_models(models: dict) -> str:
     lines = []
     for role, m in models.items():
@@ -137,22 +156,76 @@ def describe_models(models: dict) -> str:
 
 
 def cmd_tune(args) -> int:
-    from tmad_ray.data.pipeline import DataError, check_bad_fraction
-    from tmad_ray.models.amd import ConversionError, FetchError
-    from tmad_ray.models.hf import ModelError
-
     cfg = load_config(args.config, args.overrides)  # config errors stop here, before Ray starts
-    manifest, report = prepare_data(cfg)
     try:
-        check_bad_fraction(report, cfg.data.max_bad_fraction)
-        models = load_models(cfg, manifest.labels)
-    except (DataError, ModelError, FetchError, ConversionError) as e:
+        manifest, report, models = prepare_study(cfg)
+    except prepare_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(search_plan(cfg, manifest, report))
     print(describe_models(models))
     print("The data of this study is decoded and cached and its models load. The search itself (Ray Tune + "
           "Optuna, MLflow runs) is not built yet: this command stops here.")
+    return 0
+
+
+def cmd_train(args) -> int:
+    """One distillation run without search: prepare data and models, train on Ray Train, export."""
+    import time
+
+    from tmad_ray.cluster import init_ray
+    from tmad_ray.train.loop import epoch_row
+    from tmad_ray.train.run import fit
+
+    cfg = load_config(args.config, args.overrides)
+    name = args.name or f"{cfg.name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
+    init_ray(cfg)  # the cluster of `ray job submit`, else a local Ray sized for the run
+    try:
+        manifest, report, models = prepare_study(cfg)
+    except prepare_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(describe_models(models))
+    del models
+    outcome = fit(cfg, manifest, report, name)
+    history = epoch_history(Path(cfg.storage.output_dir) / name / "train_log.jsonl")
+    print(f"\nrun {name} ({cfg.train.num_workers} workers):")
+    print("\n".join(epoch_row(m, header=i == 0) for i, m in enumerate(history)))
+    best = outcome.best_metrics
+    print(f"best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.3f}, macro-F1 {best['val_macro_f1']:.3f}")
+    print(f"exported student: {outcome.student_dir}")
+    print(f"evaluate it: tmad-ray eval {outcome.student_dir} --data {cfg.data.root} --split test")
+    return 0
+
+
+def epoch_history(log_path: Path) -> list[dict]:
+    """The last record of each epoch in a run's log (an epoch redone after a restart counts once)."""
+    by_epoch = {}
+    for line in log_path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "epoch_end":
+            by_epoch[rec["epoch"]] = rec
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def cmd_eval(args) -> int:
+    from tmad_ray.train.evaluate import evaluate_exported
+
+    clips, crops = (int(v) for v in args.views.lower().split("x")) if args.views else (None, None)
+    try:
+        r = evaluate_exported(args.model_dir, args.data, args.split, clips, crops, args.label_mode, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    print(f"{r['model']} on {r['root']} [{r['split']}], {r['videos']} videos, {r['views']} views each"
+          + (f", {len(r['bad'])} bad skipped" if r["bad"] else ""))
+    print(f"accuracy {r['accuracy']:.3f}   macro-F1 {r['macro_f1']:.3f}")
+    for label, acc in r["per_class"].items():
+        print(f"  {label:<12} {'-' if acc is None else f'{acc:.3f}'}")
+    print(f"confusion matrix: {r['confusion_png']}")
     return 0
 
 
@@ -274,6 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="the search (same as python tune.py); for now: prepare data and models, print the plan")
     _config_args(p)
     p.set_defaults(fn=cmd_tune)
+
+    p = sub.add_parser("train", help="one distillation run on Ray Train (no search); exports the best student")
+    p.add_argument("--name", default=None, help="run name; an existing run of this name resumes")
+    _config_args(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="multi-view evaluation of an exported student")
+    p.add_argument("model_dir")
+    p.add_argument("--data", required=True, help="dataset ROOT")
+    p.add_argument("--split", default="test")
+    p.add_argument("--views", default=None, help="CxK: clips x crops per video (default: as trained)")
+    p.add_argument("--label-mode", default=None, choices=["as_is", "first", "binary"])
+    p.add_argument("--out", default=None, help="directory for confusion.png (default: MODEL_DIR/eval_SPLIT)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_eval)
 
     bench = sub.add_parser("bench", help="benchmarks (results as JSON)").add_subparsers(dest="bench_cmd", required=True)
     p = bench.add_parser("data", help="clips/s: per-step decode vs Ray Data decode vs clip cache")

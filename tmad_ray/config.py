@@ -187,6 +187,10 @@ class TrainConfig(_Strict):
     flip: bool = True
     seed: int = 0
     max_failures: int = Field(2, ge=0)
+    # A worker keeps its shard of clips in memory after the first epoch when it fits (later
+    # epochs then skip Ray Data's per-pass start-up); above this it streams every epoch.
+    hold_in_memory_mb: int = Field(2048, ge=0)
+    num_to_keep: int = Field(2, ge=1)  # checkpoints kept per run: the best by val_accuracy and the latest
 
 
 def _check_bounds(name: str, v: list[float]) -> list[float]:
@@ -247,6 +251,9 @@ class FaultsConfig(_Strict):
 
     # Decoding a video whose path contains one of these strings sleeps forever.
     hang_decode_on: list[str] = []
+    # Training: the worker of this rank exits abruptly at this (epoch, step), once per output_dir.
+    kill_worker_at: tuple[int, int] | None = None
+    kill_worker_rank: int = 1
 
 
 class Config(_Strict):

@@ -63,8 +63,9 @@ def run_data_bench(cfg, out: str, videos_per_class: int = 24, size: str = "240x3
 
     n_a, t_a = _per_step_decode(manifest, spec)
 
-    if not ray.is_initialized():
-        ray.init()
+    from tmad_ray.cluster import init_ray
+
+    init_ray(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cache_dir = tempfile.mkdtemp(prefix="bench_cache_", dir=cfg.storage.output_dir)
     try:

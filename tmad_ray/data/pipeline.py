@@ -141,8 +141,9 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
 
     t0 = time.perf_counter()
     if todo:
-        if not ray.is_initialized():
-            ray.init()  # attaches to the cluster under `ray job submit`, else starts a local one
+        from tmad_ray.cluster import init_ray
+
+        init_ray(cfg)  # the cluster under `ray job submit`, else a local Ray
         size = min(_decode_concurrency(cfg), len(todo))
         statuses = (
             ray.data.from_items(todo, override_num_blocks=len(todo))

@@ -41,8 +41,8 @@ SEED_OFFSET = 10_000  # generated training clips never share seeds with the data
 def normalize(clips: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[B,T,H,W,3]`` -> float ``[B,T,3,H,W]`` with ImageNet mean/std (VideoMAE / AMD convention)."""
     x = torch.as_tensor(clips).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 1, 1, 3)
-    std = torch.tensor(IMAGENET_STD).view(1, 1, 1, 1, 3)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 1, 1, 1, 3)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 1, 1, 1, 3)
     return ((x - mean) / std).permute(0, 1, 4, 2, 3).contiguous()
 
 

@@ -1,0 +1,90 @@
+"""Ray Train runs as users start them: 2 CPU workers, a killed worker, the exported student."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import smoke_config
+from tmad_ray.cli import epoch_history
+from tmad_ray.data.manifest import load_manifest
+from tmad_ray.data.pipeline import fill_cache
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration
+
+
+def prepared(tmp_path, root, zoo, *overrides):
+    cfg = smoke_config(tmp_path, root, *zoo, *overrides)
+    manifest = load_manifest(cfg.data.root)
+    return cfg, manifest, fill_cache(manifest, cfg)
+
+
+def test_each_worker_trains_on_its_own_share(synth_root, smoke_zoo, tmp_path, ray_local):
+    from tmad_ray.train.run import fit
+
+    cfg, manifest, report = prepared(tmp_path, synth_root, smoke_zoo, "train.epochs=1")
+    out = fit(cfg, manifest, report, "share")
+    m = out.result.metrics
+    n_train = len(manifest.rows["train"]) * cfg.data.train_views
+    assert m["train_clips_per_rank"] == [n_train // 2, n_train // 2]   # equal shares: equal step counts
+    assert m["train_shard_overlap"] == 0 and m["train_clips"] == n_train
+    assert m["val_videos"] == len(manifest.rows["val"])                 # every val video, on one rank each
+    assert sum(map(sum, m["val_confusion"])) == len(manifest.rows["val"])
+    assert {"train_ce", "train_feat", "train_attn", "train_asym", "train_kd_teacher", "val_macro_f1",
+            "clips_per_s", "lr"} <= set(m)
+    assert set(m["val_per_class"]) == set(manifest.labels)
+    assert (out.student_dir / "model.safetensors").is_file()
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(synth_root, smoke_zoo, tmp_path, ray_local):
+    from tmad_ray.train.run import fit
+
+    cfg, manifest, report = prepared(tmp_path, synth_root, smoke_zoo, "train.epochs=3", "train.max_failures=2",
+                                     "faults.kill_worker_at=[2,1]", "faults.kill_worker_rank=1")
+    out = fit(cfg, manifest, report, "killed")
+    assert out.result.error is None and out.result.metrics["epoch"] == 3
+    assert list(Path(cfg.storage.output_dir).glob("killed_*")), "the kill switch never fired"
+    events = [json.loads(line) for line in (Path(cfg.storage.output_dir) / "killed" / "train_log.jsonl").open()]
+    starts = [e for e in events if e["event"] == "start"]
+    assert [(s["epoch"], s["resumed"]) for s in starts] == [(0, False), (1, True)]   # restarted after epoch 1
+    epoch_starts = [e["epoch"] for e in events if e["event"] == "epoch_start"]
+    assert epoch_starts == [1, 2, 2, 3]            # epoch 1 was not redone; the interrupted epoch 2 was
+    assert [h["epoch"] for h in epoch_history(Path(cfg.storage.output_dir) / "killed" / "train_log.jsonl")] == [1, 2, 3]
+
+
+def run(*args, cwd=REPO):
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "tmad_ray", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=900)
+
+
+def test_train_command_then_eval_and_pipeline(synth_root, smoke_zoo, tmp_path):
+    overrides = [f"data.root={synth_root}", "data.synthetic=null", f"storage.clip_cache={tmp_path / 'clips'}",
+                 f"storage.output_dir={tmp_path / 'out'}", f"storage.ray_results={tmp_path / 'ray'}", *smoke_zoo]
+    r = run("train", "--config", str(REPO / "experiments" / "smoke.yaml"), "--name", "cli", *overrides)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "epoch train_loss train_ce val_loss val_acc" in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 8]
+    assert [row[0] for row in rows] == ["1", "2"]
+    student = tmp_path / "out" / "cli" / "best_student"
+    assert f"exported student: {student}" in r.stdout
+
+    e = run("eval", str(student), "--data", str(synth_root), "--split", "test", "--json")
+    assert e.returncode == 0, e.stderr[-3000:]
+    res = json.loads(e.stdout)
+    test_videos = len(load_manifest(synth_root).rows["test"])
+    assert res["videos"] == test_videos and res["views"] == "1x1" and 0 <= res["accuracy"] <= 1
+    assert sum(map(sum, res["confusion"])) == test_videos and Path(res["confusion_png"]).is_file()
+    e3 = run("eval", str(student), "--data", str(synth_root), "--views", "2x3", "--out", str(tmp_path / "ev"))
+    assert e3.returncode == 0 and "2x3 views each" in e3.stdout and (tmp_path / "ev" / "confusion.png").is_file()
+
+    from transformers import pipeline
+
+    clf = pipeline("video-classification", model=str(student))
+    video = next((synth_root / "videos").glob("*.mp4"))
+    pred = clf(str(video), frame_sampling_rate=2)
+    assert {p["label"] for p in pred} == {"A", "B1", "B2", "G"}

@@ -1,0 +1,45 @@
+"""Connecting to Ray: the cluster a command runs in, or a local one with enough logical CPUs.
+
+Under ``ray job submit`` (``RAY_ADDRESS`` set) or next to a ``ray start`` cluster, a bare
+``ray.init()`` attaches to it. Otherwise a local Ray starts; on a small machine it gets more
+logical CPUs than cores, because training workers each hold a CPU for the whole run and Ray Data
+needs one more to feed them: with exactly as many CPUs as workers, reading the clip cache would
+wait forever for a free CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def cpus_needed(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0) -> float:
+    """Logical CPUs for ``concurrent_runs`` training runs plus one for Ray Data."""
+    t = cfg.train
+    return concurrent_runs * (t.num_workers * t.cpus_per_worker + per_run_extra) + 1
+
+
+def init_ray(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0, quiet: bool = False) -> dict:
+    """Attach to the running cluster or start a local Ray sized for the config; returns its resources."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init()  # the cluster of `ray job submit` (or the one RAY_ADDRESS names)
+        return ray.cluster_resources()
+    if not address:
+        try:
+            ray.init(address="auto")  # a `ray start` cluster on this machine
+            return ray.cluster_resources()
+        except ConnectionError:
+            pass
+    cores = os.cpu_count() or 1
+    need = cpus_needed(cfg, concurrent_runs, per_run_extra)
+    num_cpus = max(cores, int(-(-need // 1)))
+    ray.init(address="local", num_cpus=num_cpus)
+    if num_cpus > cores and not quiet:
+        print(f"local Ray: {num_cpus} logical CPUs on {cores} cores (training needs "
+              f"{need - 1:g} for its workers, the data pipeline 1 more)", file=sys.stderr)
+    return ray.cluster_resources()

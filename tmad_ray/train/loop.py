@@ -1,0 +1,349 @@
+"""``train_loop_per_worker``: one DDP distillation run over the clip cache (Ray Train V2).
+
+Setup (models, DDP, optimizer, data, resume) -> per epoch: train, evaluate, report -> done.
+Every rank calls ``ray.train.report`` each epoch (it is a barrier); rank 0 alone attaches the
+checkpoint and writes the log. Metrics are all-reduced before reporting, because only rank 0's
+reach Tune.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tmad_ray.data.cache import clips_from_batch
+from tmad_ray.distill.trimodel import TriModel
+from tmad_ray.models.toyzoo import normalize
+from tmad_ray.train import evaluate as ev
+from tmad_ray.train.export import export_student
+
+STATE_FILE = "state.pt"
+STUDENT_DIR = "student"
+
+
+# ---------------------------------------------------------------------------------------- setup
+
+
+def build_trimodel(cfg, labels: list[str]) -> TriModel:
+    """Student (seeded) and, when a distillation term is on, the frozen teacher and assistant."""
+    from tmad_ray.models.hf import build_student, check_tokenization, load_assistant, load_teacher
+
+    d = cfg.distill
+    torch.manual_seed(cfg.train.seed)  # DDP broadcasts rank 0's weights anyway; this makes runs repeatable
+    student = build_student(cfg.models.student, cfg.data, labels)
+    models = {"student": student}
+    if d.beta > 0 or d.gamma > 0 or d.delta > 0:
+        if d.teacher_weight > 0:
+            models["teacher"] = load_teacher(cfg.models.teacher.name)
+        if d.assistant_weight > 0:
+            models["assistant"] = load_assistant(cfg.models, cfg.data)
+    check_tokenization(models, cfg.data)
+    return TriModel(student, models.get("teacher"), models.get("assistant"), d, labels)
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the base lr, then cosine decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def augment(clips: torch.Tensor, size: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """uint8 ``[B,T,S,S,3]`` on the device -> normalized ``[B,T,3,size,size]``: random crop per clip, h-flip."""
+    b, _, h, w, _ = clips.shape
+    ys = torch.randint(0, h - size + 1, (b,), generator=gen).tolist()
+    xs = torch.randint(0, w - size + 1, (b,), generator=gen).tolist()
+    flips = (torch.rand(b, generator=gen) < 0.5).tolist() if flip else [False] * b
+    out = []
+    for c, y, x, f in zip(clips, ys, xs, flips):
+        c = c[:, y:y + size, x:x + size]
+        out.append(c.flip(2) if f else c)
+    return normalize(torch.stack(out))
+
+
+class Shard:
+    """A worker's rows of one dataset: streamed on the first pass, then held in memory if they fit.
+
+    ``own`` filters rows by video id (evaluation splits videos between ranks itself, so that all
+    views of a video meet on one rank).
+    """
+
+    def __init__(self, iterator, budget_mb: int, own=None):
+        self.iterator, self.budget, self.own = iterator, budget_mb * 2**20, own
+        self.held: dict[str, np.ndarray] | None = None
+
+    def _stream(self, batch_size: int):
+        for batch in self.iterator.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            ids = np.asarray(batch["video_id"]).astype(str)
+            keep = np.ones(len(ids), bool) if self.own is None else np.array([self.own(v) for v in ids])
+            if keep.any():
+                yield {"clip": clips_from_batch(batch)[keep], "label": np.asarray(batch["label"])[keep],
+                       "video_id": ids[keep], "view": np.asarray(batch["view"])[keep]}
+
+    def batches(self, batch_size: int, shuffle_seed: int | None = None):
+        if self.held is not None:
+            n = len(self.held["label"])
+            order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else np.arange(n)
+            for i in range(0, n, batch_size):
+                idx = order[i:i + batch_size]
+                yield {k: v[idx] for k, v in self.held.items()}
+            return
+        kept, size = [], 0
+        for batch in self._stream(batch_size):
+            size += batch["clip"].nbytes
+            if kept is not None:
+                kept.append(batch)
+                if size > self.budget:
+                    kept = None  # too big to hold: stream every epoch
+            yield batch
+        if kept is not None:
+            self.held = {k: np.concatenate([b[k] for b in kept]) for k in ("clip", "label", "video_id", "view")} \
+                if kept else {"clip": np.zeros((0,), np.uint8), "label": np.zeros(0, np.int64),
+                              "video_id": np.zeros(0, str), "view": np.zeros(0, np.int32)}
+
+
+def all_reduce(values: np.ndarray | list, op=None) -> np.ndarray:
+    """Sum (or ``op``) a float64 array over ranks; identity without a process group."""
+    t = torch.as_tensor(np.asarray(values, np.float64))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.numpy()
+
+
+def shard_overlap(seen: list[str], world: int) -> int:
+    """How many clips more than one rank trained on in this epoch (0 when the shards partition the data)."""
+    if world == 1 or not dist.is_initialized():
+        return 0
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, seen)
+    return sum(len(set(s)) for s in everyone) - len(set().union(*everyone))
+
+
+# ---------------------------------------------------------------------------------------- epoch parts
+
+
+def train_epoch(tri: TriModel, shard: Shard, optimizer, scheduler, cfg, device, epoch: int, rank: int,
+                gen: torch.Generator, autocast, fault=None) -> dict:
+    """One pass over this rank's clips; returns summed loss terms and counts (to be all-reduced)."""
+    t = cfg.train
+    tri.trainable.train()
+    sums: dict[str, float] = {}
+    n, step, seen = 0, 0, []
+    batches = shard.batches(t.batch_size, shuffle_seed=t.seed * 1000 + epoch * 10 + rank)
+    for step, batch in enumerate(batches, start=1):
+        if fault is not None:
+            fault(epoch, step)
+        x = augment(torch.as_tensor(batch["clip"]).to(device), cfg.data.image_size, t.flip, gen)
+        y = torch.as_tensor(batch["label"]).to(device)
+        sync = step % t.grad_accum == 0
+        no_sync = getattr(tri.trainable, "no_sync", None)
+        with (no_sync() if (not sync and no_sync) else contextlib.nullcontext()), autocast():
+            out = tri(x, y)
+        (out["loss"] / t.grad_accum).backward()
+        if sync:
+            _optimizer_step(tri, optimizer, scheduler, t.grad_clip)
+        for k, v in out.items():
+            if k != "logits":
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
+        n += len(y)
+        seen += [f"{v}#{w}" for v, w in zip(batch["video_id"], batch["view"])]
+    if step % t.grad_accum:  # a last partial accumulation (DDP synced it: the last backward was outside no_sync)
+        _optimizer_step(tri, optimizer, scheduler, t.grad_clip)
+    return {"sums": sums, "n": n, "steps": step, "seen": seen}
+
+
+def _optimizer_step(tri, optimizer, scheduler, grad_clip) -> None:
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(tri.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def evaluate_shard(student, shard: Shard, labels: list[str], device, batch_size: int, autocast) -> dict:
+    """Per-video view-averaged predictions on this rank's val videos: confusion matrix and NLL sum."""
+    student.eval()
+    ids, probs, ys = [], [], []
+    for batch in shard.batches(batch_size):
+        x = normalize(torch.as_tensor(batch["clip"]).to(device))
+        with autocast():
+            probs.append(ev.predict_probs(student, x).cpu().numpy())
+        ids += list(batch["video_id"])
+        ys.append(batch["label"])
+    student.train()
+    c = len(labels)
+    if not ids:
+        return {"confusion": np.zeros((c, c)), "nll": 0.0, "videos": 0}
+    _, p, y = ev.average_views(ids, np.concatenate(probs), np.concatenate(ys))
+    nll = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).sum())
+    return {"confusion": ev.confusion(y, p.argmax(1), c), "nll": nll, "videos": len(y)}
+
+
+def save_checkpoint(tri: TriModel, optimizer, scheduler, epoch: int, cfg, labels, metrics: dict, directory: str) -> None:
+    """``state.pt`` (trainable = student + projectors, optimizer, scheduler, epoch, config) and the
+    student as a transformers directory (``student/``), loadable as it is."""
+    torch.save({"trainable": tri.core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "config": cfg.model_dump(), "labels": labels,
+                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
+               os.path.join(directory, STATE_FILE))
+    export_student(tri.core.student, cfg.data, os.path.join(directory, STUDENT_DIR),
+                   extra={"epoch": epoch, "val_accuracy": metrics.get("val_accuracy")})
+
+
+def kill_switch(cfg, rank: int):
+    """Test-only (``faults.kill_worker_at``): exit this worker process abruptly at (epoch, step), once."""
+    at = cfg.faults.kill_worker_at
+    if at is None or rank != cfg.faults.kill_worker_rank:
+        return None
+    marker = Path(cfg.storage.output_dir) / f"killed_{cfg.name}_e{at[0]}s{at[1]}"
+
+    def maybe_kill(epoch: int, step: int) -> None:
+        if (epoch, step) == tuple(at) and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(os.getpid()))
+            # Ray Train's controller collects reports by polling workers every 2 s
+            # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a worker that dies sooner after a report takes
+            # that report's checkpoint with it. Wait past two polls so the test checks resuming,
+            # not that race.
+            time.sleep(5)
+            os._exit(1)
+    return maybe_kill
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """``config``: ``cfg`` (the experiment as a dict), ``labels``, ``train_clips`` (total train clips),
+    ``val_videos`` (sorted val video ids), ``log_path`` (rank 0's JSON-lines log)."""
+    import ray.data
+    import ray.train
+    import ray.train.torch
+
+    from tmad_ray.config import config_from_dict
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    _quiet_report_log()
+
+    # ---- setup
+    cfg = config_from_dict(config["cfg"])
+    labels: list[str] = config["labels"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    on_cuda = device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
+
+    tri = build_trimodel(cfg, labels)
+    tri.wrap(ray.train.torch.prepare_model)  # student + projectors: to the device, DDP when world > 1
+    tri.frozen_to(device)
+    t = cfg.train
+    optimizer = torch.optim.AdamW(tri.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    per_rank = config["train_clips"] // world  # streaming_split(equal=True) gives every rank this many
+    steps = math.ceil(math.ceil(per_rank / t.batch_size) / t.grad_accum) * t.epochs
+    scheduler = cosine_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
+
+    val_index = {v: i for i, v in enumerate(config["val_videos"])}
+    train_shard = Shard(ray.train.get_dataset_shard("train"), t.hold_in_memory_mb)
+    val_shard = Shard(ray.train.get_dataset_shard("val"), t.hold_in_memory_mb,
+                      own=lambda v: val_index[v] % world == rank)
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
+        tri.core.load_state_dict(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["epoch"]
+    gen = torch.Generator().manual_seed(t.seed * 7919 + rank * 104729 + start)
+    fault = kill_switch(cfg, rank)
+    log = _Log(config.get("log_path") if rank == 0 else None)
+    log.write(event="start", epoch=start, world=world, resumed=checkpoint is not None)
+
+    # ---- loop
+    for epoch in range(start + 1, t.epochs + 1):
+        log.write(event="epoch_start", epoch=epoch)
+        t0 = time.perf_counter()
+        tr = train_epoch(tri, train_shard, optimizer, scheduler, cfg, device, epoch, rank, gen, autocast, fault)
+        train_s = time.perf_counter() - t0
+        va = evaluate_shard(tri.core.student, val_shard, labels, device, t.batch_size, autocast)
+
+        # ---- report (all-reduced, so rank 0's metrics are the global ones)
+        keys = sorted(tr["sums"])
+        summed = all_reduce([tr["sums"][k] for k in keys] + [tr["n"], va["nll"], va["videos"]])
+        cm = all_reduce(va["confusion"]).astype(np.int64)
+        slowest = float(all_reduce([train_s], op=dist.ReduceOp.MAX if dist.is_initialized() else None)[0])
+        shard_sizes = all_reduce(np.eye(world)[rank] * tr["n"]).astype(int).tolist()
+        if epoch == start + 1:  # once per attempt: do the ranks' shares overlap?
+            overlap = shard_overlap(tr["seen"], world)
+        n_clips, nll, n_videos = summed[len(keys)], summed[len(keys) + 1], summed[len(keys) + 2]
+        m = ev.metrics_from_confusion(cm, labels)
+        metrics = {"epoch": epoch, **{f"train_{k}": float(v / max(n_clips, 1)) for k, v in zip(keys, summed)},
+                   "lr": scheduler.get_last_lr()[0], "clips_per_s": float(n_clips / max(slowest, 1e-9)),
+                   "train_clips": int(n_clips), "train_clips_per_rank": shard_sizes, "train_shard_overlap": overlap,
+                   "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
+                   "val_loss": float(nll / max(n_videos, 1)), "val_videos": int(n_videos),
+                   "val_per_class": {k: (float("nan") if v is None else v) for k, v in m["per_class"].items()},
+                   "val_confusion": cm.tolist(), "epoch_s": time.perf_counter() - t0}
+        log.write(event="epoch_end", **{k: v for k, v in metrics.items() if k != "val_confusion"})
+        if rank == 0:
+            print(epoch_row(metrics, header=epoch == start + 1), flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(tri, optimizer, scheduler, epoch, cfg, labels, metrics, tmp)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+EPOCH_COLUMNS = [("epoch", "{:>5d}"), ("train_loss", "{:>10.4f}"), ("train_ce", "{:>8.4f}"),
+                 ("val_loss", "{:>8.4f}"), ("val_accuracy", "{:>7.3f}"), ("val_macro_f1", "{:>6.3f}"),
+                 ("clips_per_s", "{:>8.1f}"), ("epoch_s", "{:>7.1f}")]
+EPOCH_HEADER = f"{'epoch':>5} {'train_loss':>10} {'train_ce':>8} {'val_loss':>8} {'val_acc':>7} {'val_f1':>6} " \
+               f"{'clips/s':>8} {'time_s':>7}"
+
+
+def epoch_row(metrics: dict, header: bool = False) -> str:
+    """One line of the per-epoch table (with the header line first when asked)."""
+    row = " ".join(fmt.format(metrics[k]) for k, fmt in EPOCH_COLUMNS)
+    return f"{EPOCH_HEADER}\n{row}" if header else row
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report's full metrics at INFO under a logger named by its file path, so
+    ``LoggingConfig`` does not reach it; the epoch table says the same in one line."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+class _Log:
+    """Rank 0's JSON-lines log of the run (attempts, epochs, metrics); other ranks write nothing."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **fields) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": time.time(), "pid": os.getpid(), **fields}) + "\n")

@@ -1,0 +1,82 @@
+"""The driver side of one training run: datasets from the clip cache, the ``TorchTrainer``, the export.
+
+Used by ``tmad-ray train`` (one run) and by the search (one run per trial).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmad_ray.data.pipeline import clip_dataset
+from tmad_ray.train.loop import STUDENT_DIR, train_loop_per_worker
+
+
+def loop_config(cfg, manifest, report, log_path: str | None) -> dict:
+    """What ``train_loop_per_worker`` needs, all plain data (it travels to the workers)."""
+    return {"cfg": cfg.model_dump(), "labels": list(manifest.labels),
+            "train_clips": len(report.entries["train"]) * cfg.data.train_views,
+            "val_videos": sorted(report.entries["val"]), "log_path": log_path}
+
+
+def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = None, log_path: str | None = None):
+    """A ``TorchTrainer`` over the cached train/val clips; a run of the same ``name`` in the same
+    storage resumes from its latest checkpoint (Ray Train V2)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch table is the progress
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(cfg, manifest, report, log_path),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=cfg.storage.ray_results, callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not every report's metrics
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures,
+                                                   controller_failure_limit=cfg.search.controller_failure_limit),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep,
+                                                         checkpoint_score_attribute="val_accuracy",
+                                                         checkpoint_score_order="max")),
+        # val is not split: every rank reads it and evaluates its own videos, all views of a video together
+        datasets={"train": clip_dataset(manifest, report, cfg, "train"),
+                  "val": clip_dataset(manifest, report, cfg, "val")},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+@dataclass
+class RunOutcome:
+    result: object          # ray.train.Result
+    best_metrics: dict
+    student_dir: Path | None
+
+
+def export_best(result, out_dir: str | Path) -> tuple[dict, Path]:
+    """Copy the student of the best checkpoint (by val_accuracy) to ``out_dir``."""
+    best = result.get_best_checkpoint("val_accuracy", "max") if result.best_checkpoints else None
+    if best is None:
+        raise RuntimeError("the run reported no checkpoint: nothing to export")
+    metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    with best.as_directory() as d:
+        shutil.copytree(Path(d) / STUDENT_DIR, out)
+    return metrics, out
+
+
+def fit(cfg, manifest, report, name: str, callbacks: list | None = None) -> RunOutcome:
+    """Train (resuming a run of the same name), then export the best student to ``<output_dir>/<name>/best_student``."""
+    run_dir = Path(cfg.storage.output_dir) / name
+    trainer = build_trainer(cfg, manifest, report, name, callbacks, log_path=str(run_dir / "train_log.jsonl"))
+    result = trainer.fit()
+    metrics, student = export_best(result, run_dir / "best_student")
+    return RunOutcome(result, metrics, student)
