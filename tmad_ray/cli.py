@@ -156,16 +156,44 @@ def describe_models(models: dict) -> str:
 
 
 def cmd_tune(args) -> int:
+    """The search: data cached once, then Tune + Optuna trials of Ray Train runs, tracked in MLflow."""
+    from tmad_ray.cluster import init_ray
+    from tmad_ray.search.tuner import TRIAL_CPU, StudyError, check_layer_sets, mlflow_ui_command, run_study
+
+    resume = args.resume
+    if isinstance(resume, str) and "=" in resume:  # `--resume key=value`: an override, not a study name
+        args.overrides, resume = [resume, *args.overrides], True
     cfg = load_config(args.config, args.overrides)  # config errors stop here, before Ray starts
+    resources = init_ray(cfg, per_run_extra=TRIAL_CPU)  # the cluster of `ray job submit`, else a local Ray
     try:
         manifest, report, models = prepare_study(cfg)
-    except prepare_errors() as e:
+        check_layer_sets(cfg, models["student"].config.num_hidden_layers)
+    except (*prepare_errors(), StudyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(search_plan(cfg, manifest, report))
     print(describe_models(models))
-    print("The data of this study is decoded and cached and its models load. The search itself (Ray Tune + "
-          "Optuna, MLflow runs) is not built yet: this command stops here.")
+    del models
+    try:
+        out = run_study(cfg, manifest, report, resources, resume=resume)
+    except StudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    from tmad_ray.search.tuner import results_table
+
+    print(f"\nstudy {out.name}: {len(out.rows)} trials")
+    print(results_table(out.rows, cfg.search.metric))
+    if out.best is None:
+        print("no trial reported a result", file=sys.stderr)
+        return 1
+    b = out.best
+    print(f"\nbest: trial {b['trial']}  {cfg.search.metric} {b[cfg.search.metric]:.3f}  alpha={b['alpha']:.3g} "
+          f"beta={b['beta']:.3g} gamma={b['gamma']:.3g} delta={b['delta']:.3g} T={b['temperature']:.2f} "
+          f"layers={b['align_layers']}" + (f" lr={b['lr']:.3g}" if "lr" in b else ""))
+    print(f"best student: {out.best_student}")
+    if out.model_version:
+        print(f"registered: {cfg.tracking.registered_model} version {out.model_version}")
+    print(f"MLflow parent run {out.parent_run_id}; open the UI with: {mlflow_ui_command(out.tracking_uri)}")
     return 0
 
 
@@ -344,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=16)
     p.set_defaults(fn=cmd_convert_amd)
 
-    p = sub.add_parser("tune", help="the search (same as python tune.py); for now: prepare data and models, print the plan")
+    p = sub.add_parser("tune", help="the search (same as python tune.py)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="STUDY",
+                   help="continue the latest study of this config (or STUDY) after the driver died")
     _config_args(p)
     p.set_defaults(fn=cmd_tune)
 

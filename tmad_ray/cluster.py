@@ -40,6 +40,6 @@ def init_ray(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0, quiet: b
     num_cpus = max(cores, int(-(-need // 1)))
     ray.init(address="local", num_cpus=num_cpus)
     if num_cpus > cores and not quiet:
-        print(f"local Ray: {num_cpus} logical CPUs on {cores} cores (training needs "
-              f"{need - 1:g} for its workers, the data pipeline 1 more)", file=sys.stderr)
+        print(f"local Ray: {num_cpus} logical CPUs on {cores} cores (a run needs {need - 1:g} for its workers"
+              f"{' and driver' if per_run_extra else ''}, the data pipeline 1 more)", file=sys.stderr)
     return ray.cluster_resources()

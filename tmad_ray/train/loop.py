@@ -228,7 +228,8 @@ def kill_switch(cfg, rank: int):
 
 def train_loop_per_worker(config: dict) -> None:
     """``config``: ``cfg`` (the experiment as a dict), ``labels``, ``train_clips`` (total train clips),
-    ``val_videos`` (sorted val video ids), ``log_path`` (rank 0's JSON-lines log)."""
+    ``val_videos`` (sorted val video ids), ``log_path`` (rank 0's JSON-lines log), and optionally
+    ``mlflow`` (``{"uri", "run_id"}``: the trial's child run, logged by rank 0)."""
     import ray.data
     import ray.train
     import ray.train.torch
@@ -274,6 +275,7 @@ def train_loop_per_worker(config: dict) -> None:
     gen = torch.Generator().manual_seed(t.seed * 7919 + rank * 104729 + start)
     fault = kill_switch(cfg, rank)
     log = _Log(config.get("log_path") if rank == 0 else None)
+    mlflow_run = config.get("mlflow") if rank == 0 else None  # {"uri", "run_id"}: rank 0 logs, nobody else
     log.write(event="start", epoch=start, world=world, resumed=checkpoint is not None)
 
     # ---- loop
@@ -304,6 +306,10 @@ def train_loop_per_worker(config: dict) -> None:
         log.write(event="epoch_end", **{k: v for k, v in metrics.items() if k != "val_confusion"})
         if rank == 0:
             print(epoch_row(metrics, header=epoch == start + 1), flush=True)
+        if mlflow_run:
+            from tmad_ray import tracking
+
+            tracking.log_epoch(tracking.client(mlflow_run["uri"]), mlflow_run["run_id"], metrics, labels)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:

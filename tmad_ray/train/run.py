@@ -13,14 +13,15 @@ from tmad_ray.data.pipeline import clip_dataset
 from tmad_ray.train.loop import STUDENT_DIR, train_loop_per_worker
 
 
-def loop_config(cfg, manifest, report, log_path: str | None) -> dict:
+def loop_config(cfg, manifest, report, log_path: str | None, mlflow_run: dict | None = None) -> dict:
     """What ``train_loop_per_worker`` needs, all plain data (it travels to the workers)."""
     return {"cfg": cfg.model_dump(), "labels": list(manifest.labels),
             "train_clips": len(report.entries["train"]) * cfg.data.train_views,
-            "val_videos": sorted(report.entries["val"]), "log_path": log_path}
+            "val_videos": sorted(report.entries["val"]), "log_path": log_path, "mlflow": mlflow_run}
 
 
-def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = None, log_path: str | None = None):
+def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = None, log_path: str | None = None,
+                  mlflow_run: dict | None = None, storage_path: str | None = None):
     """A ``TorchTrainer`` over the cached train/val clips; a run of the same ``name`` in the same
     storage resumes from its latest checkpoint (Ray Train V2)."""
     import ray.train
@@ -33,12 +34,12 @@ def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = Non
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, manifest, report, log_path),
+        train_loop_config=loop_config(cfg, manifest, report, log_path, mlflow_run),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=cfg.storage.ray_results, callbacks=callbacks,
+            name=name, storage_path=storage_path or cfg.storage.ray_results, callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not every report's metrics
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures,
                                                    controller_failure_limit=cfg.search.controller_failure_limit),

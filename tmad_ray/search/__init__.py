@@ -1,0 +1,1 @@
+"""The search: Optuna define-by-run space and the Tune driver."""

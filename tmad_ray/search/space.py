@@ -1,0 +1,63 @@
+"""The search space, define-by-run for Optuna, and how a sampled point becomes a run's config.
+
+``define_space`` is a module-level function bound to plain bounds with ``functools.partial``, so
+the searcher (and with it Tune's experiment checkpoint) pickles: a lambda would not.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from tmad_ray.config import parse_layer_set
+
+WEIGHTS = ("alpha", "beta", "gamma", "delta")
+
+
+def bounds_of(search_cfg) -> dict:
+    s = search_cfg
+    b = {k: list(getattr(s, k)) for k in (*WEIGHTS, "temperature")}
+    b["align_layers"] = list(s.align_layer_sets)
+    if s.lr is not None:
+        b["lr"] = list(s.lr)
+    return b
+
+
+def define_space(bounds: dict, trial) -> None:
+    """α, β, γ, δ log-uniform, T uniform, the aligned layers as a categorical over layer-set strings,
+    and the learning rate (log-uniform) when the config gives bounds for it."""
+    for k in WEIGHTS:
+        trial.suggest_float(k, *bounds[k], log=True)
+    trial.suggest_float("temperature", *bounds["temperature"])
+    trial.suggest_categorical("align_layers", bounds["align_layers"])
+    if "lr" in bounds:
+        trial.suggest_float("lr", *bounds["lr"], log=True)
+
+
+def space_for(search_cfg):
+    return partial(define_space, bounds_of(search_cfg))
+
+
+def distributions(search_cfg) -> dict:
+    """The same space as Optuna distributions (to rebuild an Optuna study from Tune's results)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    b = bounds_of(search_cfg)
+    d = {k: FloatDistribution(*b[k], log=True) for k in WEIGHTS}
+    d["temperature"] = FloatDistribution(*b["temperature"])
+    d["align_layers"] = CategoricalDistribution(b["align_layers"])
+    if "lr" in b:
+        d["lr"] = FloatDistribution(*b["lr"], log=True)
+    return d
+
+
+def apply_params(cfg, params: dict):
+    """A copy of ``cfg`` with a trial's sampled values in ``distill`` (and ``train.lr``)."""
+    cfg = cfg.model_copy(deep=True)
+    for k in (*WEIGHTS, "temperature"):
+        if k in params:
+            setattr(cfg.distill, k, float(params[k]))
+    if "align_layers" in params:
+        cfg.distill.align_layers = parse_layer_set(params["align_layers"])
+    if "lr" in params:
+        cfg.train.lr = float(params["lr"])
+    return cfg

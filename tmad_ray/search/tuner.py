@@ -1,0 +1,388 @@
+"""The study: Tune + Optuna over the distillation recipe, one Ray Train run per trial, MLflow runs.
+
+``run_study`` is what ``python tune.py`` does after the data is cached and the models load:
+
+* a Tune **function trainable** per trial (``trial_fn``) that opens the trial's MLflow child run,
+  builds a ``TorchTrainer`` for the sampled recipe and fits it (Ray Train V2 refuses
+  ``Tuner(TorchTrainer)``); ``TuneReportCallback`` forwards each epoch's report to Tune;
+* ``OptunaSearch`` (TPE, seeded; NSGA-II for several objectives) over a define-by-run space;
+* ``ASHAScheduler(time_attr="epoch")`` (``training_iteration`` restarts after a restore);
+* ``max_concurrent_trials`` from the cluster's CPUs / GPUs;
+* ``Tuner.restore(resume_errored=True)`` for ``--resume``: finished trials are kept, the searcher's
+  state comes back, and an interrupted trial's Train run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmad_ray import tracking
+from tmad_ray.search.space import WEIGHTS, apply_params, distributions, space_for
+
+TRIAL_CPU = 1
+STATE_FILE = "tmad_study.json"  # beside Tune's experiment state: the parent run and what the study is
+
+
+class StudyError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------ the trial (a Tune trainable)
+
+
+def trial_fn(params: dict, study: dict) -> None:
+    """One trial: the sampled recipe trained on Ray Train, reported to Tune epoch by epoch."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tmad_ray.config import config_from_dict
+    from tmad_ray.train.run import build_trainer
+
+    ctx = ray.tune.get_context()
+    trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    cfg = apply_params(config_from_dict(study["cfg"]), params)
+    c = tracking.client(study["tracking_uri"])
+    run_id = tracking.open_child(c, study["experiment_id"], study["parent_run_id"], study["name"], trial_id,
+                                 trial_name)
+    tracking.log_params(c, run_id, {**{k: params[k] for k in sorted(params)}, **fixed_params(cfg)})
+    trial_dir = Path(study["trials_dir"]) / trial_id
+    trainer = build_trainer(cfg, study["manifest"], study["report"], name=trial_id,
+                            callbacks=[TuneReportCallback()], log_path=str(trial_dir / "train_log.jsonl"),
+                            mlflow_run={"uri": study["tracking_uri"], "run_id": run_id},
+                            storage_path=study["train_storage"])
+    # Tune kills the trial as soon as its last epoch is reported (ASHA stops at max_t too), so nothing
+    # after fit() is sure to run: the driver exports the best student and closes the runs at the end.
+    result = trainer.fit()
+    if result.error is not None:
+        tracking.finish(c, run_id, "FAILED")
+        raise result.error
+
+
+def fixed_params(cfg) -> dict:
+    """The parts of a trial's recipe that the search does not sample (logged with every child run)."""
+    s = cfg.models.student
+    return {"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
+            "num_workers": cfg.train.num_workers, "teacher_weight": cfg.distill.teacher_weight,
+            "assistant_weight": cfg.distill.assistant_weight,
+            "student": s.name or s.size or f"{s.depth}x{s.width}x{s.heads}", "teacher": cfg.models.teacher.name}
+
+
+# ------------------------------------------------------------------------------ the driver
+
+
+@dataclass
+class StudyOutcome:
+    name: str
+    rows: list[dict]
+    best: dict | None
+    best_student: Path | None
+    parent_run_id: str
+    tracking_uri: str
+    model_version: str | None
+
+
+def concurrent_trials(cfg, resources: dict) -> int:
+    """How many trials the cluster runs at once: CPUs (one kept for Ray Data) and GPUs per trial."""
+    t = cfg.train
+    k = max(1, int((resources.get("CPU", 1) - 1) // (t.num_workers * t.cpus_per_worker + TRIAL_CPU)))
+    if t.use_gpu:
+        k = min(k, max(1, int(resources.get("GPU", 0) // t.num_workers)))
+    if cfg.search.max_concurrent_trials:
+        k = min(k, cfg.search.max_concurrent_trials)
+    return k
+
+
+def check_layer_sets(cfg, student_depth: int) -> None:
+    from tmad_ray.config import parse_layer_set
+    from tmad_ray.distill.trimodel import resolve_layer
+
+    for text in cfg.search.align_layer_sets:
+        for i in parse_layer_set(text):
+            try:
+                resolve_layer(i, student_depth)
+            except ValueError as e:
+                raise StudyError(f"search.align_layer_sets {text!r}: {e}") from None
+
+
+def study_name(cfg, resume: str | bool | None) -> tuple[str, bool]:
+    """A new study gets ``<name>-<time>``; ``--resume`` takes the latest study of this config's name
+    (or the one named)."""
+    root = Path(cfg.storage.ray_results)
+    if resume:
+        if isinstance(resume, str):
+            if not (root / resume / STATE_FILE).is_file():
+                raise StudyError(f"no study {resume!r} under {root} to resume")
+            return resume, True
+        found = sorted(root.glob(f"{cfg.name}-*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise StudyError(f"no study of {cfg.name!r} under {root} to resume; run without --resume to start one")
+        return found[-1].parent.name, True
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", False
+
+
+def build_tuner(cfg, study: dict, max_concurrent: int, resume_path: str | None):
+    import optuna
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = cfg.search
+    # The trial driver holds one CPU (Tune refuses an empty request); its Train workers hold their own.
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_fn, study=study), {"CPU": TRIAL_CPU})
+    if resume_path is not None:
+        return ray.tune.Tuner.restore(resume_path, trainable=trainable, resume_errored=True)
+    objectives = s.objectives or [s.metric]
+    if len(objectives) > 1:
+        modes = [s.mode if o == s.metric else "min" for o in objectives]
+        searcher = OptunaSearch(space=space_for(s), metric=objectives, mode=modes,
+                                sampler=optuna.samplers.NSGAIISampler(seed=s.seed))
+        scheduler = FIFOScheduler()  # ASHA stops on one metric; with several, every trial runs to the end
+    else:
+        sampler = (optuna.samplers.NSGAIISampler(seed=s.seed) if s.algorithm == "nsga2"
+                   else optuna.samplers.TPESampler(seed=s.seed))
+        searcher = OptunaSearch(space=space_for(s), metric=s.metric, mode=s.mode, sampler=sampler)
+        scheduler = ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=cfg.train.epochs,
+                                  grace_period=min(s.grace_period, cfg.train.epochs),
+                                  reduction_factor=s.reduction_factor)
+    return ray.tune.Tuner(
+        trainable,
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
+                                        max_concurrent_trials=max_concurrent),
+        run_config=ray.tune.RunConfig(name=study["name"], storage_path=cfg.storage.ray_results,
+                                      failure_config=ray.tune.FailureConfig(max_failures=1), verbose=1),
+    )
+
+
+def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None = None, log=print) -> StudyOutcome:
+    """Search, then export and register the best student; returns the results."""
+    name, resuming = study_name(cfg, resume)
+    exp_dir = Path(cfg.storage.ray_results) / name
+    out_dir = Path(cfg.storage.output_dir) / name
+    uri = tracking.resolve_tracking_uri(cfg.tracking)
+    c = tracking.client(uri)
+    exp_id = tracking.experiment_id(c, cfg.tracking.experiment)
+
+    if resuming:
+        state = json.loads((exp_dir / STATE_FILE).read_text())
+        parent = state["parent_run_id"]
+        c.update_run(parent, status="RUNNING")
+        log(f"resuming study {name} (MLflow parent run {parent})")
+    else:
+        parent = tracking.open_parent(c, exp_id, name, resume=False)
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / STATE_FILE).write_text(json.dumps({"name": name, "parent_run_id": parent,
+                                                      "experiment_id": exp_id, "tracking_uri": uri}, indent=1))
+        log_study_start(c, parent, cfg)
+    study = {"name": name, "cfg": cfg.model_dump(), "manifest": manifest, "report": report, "tracking_uri": uri,
+             "experiment_id": exp_id, "parent_run_id": parent, "trials_dir": str(out_dir / "trials"),
+             "train_storage": str(exp_dir / "train")}
+    k = concurrent_trials(cfg, resources)
+    log(f"study {name}: {cfg.search.num_samples} trials, up to {k} at a time "
+        f"({cfg.train.num_workers} DDP workers each); Ray results in {exp_dir}")
+    tuner = build_tuner(cfg, study, k, str(exp_dir) if resuming else None)
+    try:
+        grid = tuner.fit()
+        outcome = finish_study(c, cfg, grid, name, parent, uri, out_dir)
+    except BaseException:
+        c.set_terminated(parent, status="FAILED")
+        raise
+    c.set_terminated(parent, status="FINISHED")
+    return outcome
+
+
+def log_study_start(c, parent: str, cfg) -> None:
+    import yaml
+
+    from tmad_ray.search.space import bounds_of
+
+    c.set_tag(parent, "mlflow.source.git.commit", git_commit())
+    flat = _flatten(cfg.model_dump(mode="json"))
+    tracking.log_params(c, parent, {k: v for k, v in flat.items() if not k.startswith("faults.")})
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        Path(d, "search_space.json").write_text(json.dumps(
+            {**bounds_of(cfg.search), "log_uniform": list(WEIGHTS), "algorithm": cfg.search.algorithm,
+             "objectives": cfg.search.objectives or [cfg.search.metric], "mode": cfg.search.mode}, indent=1))
+        c.log_artifacts(parent, d)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, type(None))) else v
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------ the end of a study
+
+
+def trial_rows(grid, metric: str, mode: str, epochs: int) -> list[dict]:
+    """One row per trial: sampled values, best metric over its epochs, epochs run, how it ended."""
+    rows = []
+    for r in grid:
+        cfg, df = r.config or {}, r.metrics_dataframe
+        values = df[metric].dropna() if df is not None and metric in df else []
+        best = (values.max() if mode == "max" else values.min()) if len(values) else None
+        ran = int(df["epoch"].max()) if df is not None and "epoch" in df and len(df) else 0
+        status = "ERROR" if r.error else ("COMPLETED" if ran >= epochs else "STOPPED (ASHA)")
+        rows.append({"trial": (r.metrics or {}).get("trial_id") or Path(r.path).name,
+                     **{k: cfg.get(k) for k in (*WEIGHTS, "temperature", "align_layers")},
+                     **({"lr": cfg["lr"]} if "lr" in cfg else {}),
+                     metric: None if best is None else float(best), "epochs": ran, "status": status,
+                     "error": str(r.error).splitlines()[0][:200] if r.error else None})
+    return rows
+
+
+def finish_study(c, cfg, grid, name: str, parent: str, uri: str, out_dir: Path) -> StudyOutcome:
+    s = cfg.search
+    rows = trial_rows(grid, s.metric, s.mode, cfg.train.epochs)
+    close_trial_runs(c, cfg, name, rows)
+    done = [r for r in rows if r[s.metric] is not None]
+    best = (max if s.mode == "max" else min)(done, key=lambda r: r[s.metric]) if done else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = results_table(rows, s.metric)
+    (out_dir / "results.md").write_text(table + "\n")
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "results.md").write_text(table + "\n")
+        Path(d, "results.csv").write_text(_csv(rows))
+        optuna_plots(cfg, rows, d)
+        c.log_artifacts(parent, d)
+    student_dir, version = None, None
+    if best is not None:
+        tracking.log_params(c, parent, {f"best.{k}": best[k] for k in (*WEIGHTS, "temperature", "align_layers")
+                                        if best.get(k) is not None})
+        c.log_metric(parent, f"best_{s.metric}", best[s.metric])
+        c.set_tag(parent, "best_trial", best["trial"])
+        student_dir = export_trial_student(cfg, name, best["trial"], out_dir / "best_student")
+        c.log_artifacts(parent, str(student_dir), "best_student")
+        version = register(c, cfg.tracking.registered_model, parent, name)
+    return StudyOutcome(name, rows, best, student_dir, parent, uri, version)
+
+
+def export_trial_student(cfg, study: str, trial: str, out: Path) -> Path:
+    """The best checkpoint's student of a trial's Train run, copied to ``out``."""
+    import ray.train
+
+    from tmad_ray.train.run import export_best
+
+    train_dir = Path(cfg.storage.ray_results) / study / "train" / trial
+    _, student = export_best(ray.train.Result.from_path(str(train_dir)), out)
+    return student
+
+
+def close_trial_runs(c, cfg, study: str, rows: list[dict]) -> None:
+    """No child run is left RUNNING: a trial that ASHA stopped was killed before it could close its run."""
+    exp_id = tracking.experiment_id(c, cfg.tracking.experiment)
+    by_trial = {r["trial"]: r for r in rows}
+    for run in tracking.find_runs(c, exp_id, **{tracking.STUDY_TAG: study}):
+        trial = run.data.tags.get(tracking.TRIAL_TAG)
+        if trial is None:
+            continue
+        row = by_trial.get(trial, {})
+        st = row.get("status", "")
+        if row.get(cfg.search.metric) is not None:
+            c.log_metric(run.info.run_id, f"best_{cfg.search.metric}", row[cfg.search.metric])
+        c.set_tag(run.info.run_id, "tune_status", st or "unknown")
+        if run.info.status == "RUNNING":
+            c.set_terminated(run.info.run_id, status="FAILED" if st == "ERROR" else "FINISHED")
+
+
+def register(c, model_name: str, parent: str, study: str) -> str:
+    """A new version of ``model_name`` in the Model Registry, pointing at the parent run's best student."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.create_registered_model(model_name)
+    except MlflowException:
+        pass  # it exists: add a version
+    run = c.get_run(parent)
+    v = c.create_model_version(model_name, source=f"{run.info.artifact_uri}/best_student", run_id=parent,
+                               tags={"study": study}, description=f"best student of study {study}")
+    return v.version
+
+
+def results_table(rows: list[dict], metric: str) -> str:
+    has_lr = any("lr" in r for r in rows)
+    head = ["trial", "alpha", "beta", "gamma", "delta", "T", "layers", *(["lr"] if has_lr else []),
+            f"best {metric}", "epochs", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(v, fmt="{:.3g}"):
+        return "-" if v is None else fmt.format(v)
+    for r in rows:
+        cells = [r["trial"], *(f(r[k]) for k in WEIGHTS), f(r["temperature"], "{:.2f}"), str(r["align_layers"]),
+                 *([f(r.get("lr"))] if has_lr else []), f(r[metric], "{:.3f}"), str(r["epochs"]), r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    keys = sorted({k for r in rows for k in r})
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def optuna_plots(cfg, rows: list[dict], out: str) -> list[str]:
+    """Optimization history and parameter importance, from an Optuna study rebuilt from the trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    s = cfg.search
+    dist = distributions(s)
+    study = optuna.create_study(direction="maximize" if s.mode == "max" else "minimize")
+    for r in rows:
+        if r[s.metric] is None or any(r.get(k) is None for k in dist):
+            continue
+        study.add_trial(optuna.trial.create_trial(params={k: r[k] for k in dist}, distributions=dist,
+                                                  value=r[s.metric]))
+    paths = []
+    if len(study.trials) >= 1:
+        ovm.plot_optimization_history(study)
+        paths.append(_save(plt, Path(out) / "optuna_history.png"))
+    if len(study.trials) >= 2 and len({t.value for t in study.trials}) > 1:
+        try:
+            ovm.plot_param_importances(study)
+            paths.append(_save(plt, Path(out) / "optuna_importance.png"))
+        except (RuntimeError, ValueError, ZeroDivisionError):
+            pass  # importance is undefined when the trials carry no information (e.g. all equal)
+    return paths
+
+
+def _save(plt, path: Path) -> str:
+    fig = plt.gcf()
+    fig.set_size_inches(8, 5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close("all")
+    return str(path)
+
+
+def mlflow_ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite") \
+        else f"open {uri} in a browser"
+
