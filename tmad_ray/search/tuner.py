@@ -234,26 +234,44 @@ def git_commit() -> str:
 # ------------------------------------------------------------------------------ the end of a study
 
 
-def trial_rows(grid, metric: str, mode: str, epochs: int) -> list[dict]:
-    """One row per trial: sampled values, best metric over its epochs, epochs run, how it ended."""
+def trial_rows(grid, cfg, study: str) -> list[dict]:
+    """One row per trial: sampled values, best metric over its epochs, epochs run, how it ended.
+
+    The best metric and the epochs come from the trial's Train run (its checkpoints), which is also
+    what the export uses; Tune's own record of a trial restarted by ``--resume`` may be partial.
+    """
+    metric = cfg.search.metric
     rows = []
     for r in grid:
-        cfg, df = r.config or {}, r.metrics_dataframe
-        values = df[metric].dropna() if df is not None and metric in df else []
-        best = (values.max() if mode == "max" else values.min()) if len(values) else None
-        ran = int(df["epoch"].max()) if df is not None and "epoch" in df and len(df) else 0
-        status = "ERROR" if r.error else ("COMPLETED" if ran >= epochs else "STOPPED (ASHA)")
-        rows.append({"trial": (r.metrics or {}).get("trial_id") or Path(r.path).name,
-                     **{k: cfg.get(k) for k in (*WEIGHTS, "temperature", "align_layers")},
-                     **({"lr": cfg["lr"]} if "lr" in cfg else {}),
-                     metric: None if best is None else float(best), "epochs": ran, "status": status,
+        trial = (r.metrics or {}).get("trial_id") or Path(r.path).name.split("_")[2]
+        best, ran = train_summary(cfg, study, trial)
+        status = "ERROR" if r.error else ("COMPLETED" if ran >= cfg.train.epochs else "STOPPED (ASHA)")
+        params = r.config or {}
+        rows.append({"trial": trial, **{k: params.get(k) for k in (*WEIGHTS, "temperature", "align_layers")},
+                     **({"lr": params["lr"]} if "lr" in params else {}),
+                     metric: None if best is None else float(best[metric]), "epochs": ran, "status": status,
                      "error": str(r.error).splitlines()[0][:200] if r.error else None})
     return rows
 
 
+def train_summary(cfg, study: str, trial: str) -> tuple[dict | None, int]:
+    """(metrics of the best checkpoint, last epoch) of a trial's Train run; (None, 0) if it has none."""
+    import ray.train
+
+    train_dir = Path(cfg.storage.ray_results) / study / "train" / trial
+    if not (train_dir / "checkpoint_manager_snapshot.json").is_file():
+        return None, 0
+    result = ray.train.Result.from_path(str(train_dir))
+    kept = [m for _, m in (result.best_checkpoints or []) if cfg.search.metric in m]
+    if not kept:
+        return None, 0
+    pick = max if cfg.search.mode == "max" else min
+    return pick(kept, key=lambda m: m[cfg.search.metric]), int((result.metrics or {}).get("epoch", 0))
+
+
 def finish_study(c, cfg, grid, name: str, parent: str, uri: str, out_dir: Path) -> StudyOutcome:
     s = cfg.search
-    rows = trial_rows(grid, s.metric, s.mode, cfg.train.epochs)
+    rows = trial_rows(grid, cfg, name)
     close_trial_runs(c, cfg, name, rows)
     done = [r for r in rows if r[s.metric] is not None]
     best = (max if s.mode == "max" else min)(done, key=lambda r: r[s.metric]) if done else None

@@ -277,6 +277,10 @@ def train_loop_per_worker(config: dict) -> None:
     log = _Log(config.get("log_path") if rank == 0 else None)
     mlflow_run = config.get("mlflow") if rank == 0 else None  # {"uri", "run_id"}: rank 0 logs, nobody else
     log.write(event="start", epoch=start, world=world, resumed=checkpoint is not None)
+    if checkpoint is not None and start >= t.epochs:
+        # Finished before its driver died: say so again, so that Tune (and the searcher) get its result.
+        ray.train.report(state["metrics"])
+        return
 
     # ---- loop
     for epoch in range(start + 1, t.epochs + 1):

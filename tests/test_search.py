@@ -1,0 +1,155 @@
+"""The search as users run it: tune.py killed and resumed, and `ray job submit` on a real local head."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tmad_ray import tracking
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.integration
+
+
+def study_overrides(tmp_path, root, zoo, *extra):
+    return [f"data.root={root}", "data.synthetic=null", f"storage.clip_cache={tmp_path / 'clips'}",
+            f"storage.output_dir={tmp_path / 'out'}", f"storage.ray_results={tmp_path / 'ray'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *zoo, *extra]
+
+
+def env(**extra):
+    return {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+            "PATH": f"{BIN}:{os.environ['PATH']}", **extra}
+
+
+def study_runs(uri: str, experiment: str = "tmad_ray"):
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if tracking.PARENT_TAG in r.data.tags]
+    return c, parents, children
+
+
+def check_study(tmp_path, n_trials: int, epochs: int):
+    """One parent, one child per trial with its params and per-epoch metrics, nothing left RUNNING,
+    the best student exported (loads with from_pretrained) and registered."""
+    from transformers import VideoMAEForVideoClassification
+
+    c, parents, children = study_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(parents) == 1 and len(children) == n_trials
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags.get("mlflow.source.git.commit")
+    assert {c_.data.tags[tracking.PARENT_TAG] for c_ in children} == {parent.info.run_id}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"alpha", "beta", "gamma", "delta", "temperature", "align_layers", "epochs"} <= set(child.data.params)
+        history = c.get_metric_history(child.info.run_id, "val_accuracy")
+        assert 1 <= len(history) and sorted({m.step for m in history}) == list(range(1, max(m.step for m in history) + 1))
+        assert {"train_ce", "train_feat", "val_macro_f1", "clips_per_s", "best_val_accuracy"} <= set(child.data.metrics)
+        assert {a.path for a in c.list_artifacts(child.info.run_id)} >= {"confusion_matrix.png", "per_class.json"}
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "search_space.json", "results.md", "results.csv", "optuna_history.png",
+            "best_student"} <= arts
+    assert "best.alpha" in parent.data.params and "best_val_accuracy" in parent.data.metrics
+    versions = c.search_model_versions("name='tmad_ray_student'")
+    assert [v.run_id for v in versions] == [parent.info.run_id]
+    studies = [p for p in (tmp_path / "out").iterdir() if (p / "best_student").is_dir()]
+    assert len(studies) == 1
+    model = VideoMAEForVideoClassification.from_pretrained(studies[0] / "best_student")
+    assert model.config.id2label == {0: "A", 1: "B1", 2: "B2", 3: "G"}
+    return parent, children
+
+
+def epoch_starts(tmp_path) -> dict[str, list[int]]:
+    logs = (tmp_path / "out").glob("*/trials/*/train_log.jsonl")
+    return {p.parent.name: [json.loads(line)["epoch"] for line in p.open() if '"epoch_start"' in line] for p in logs}
+
+
+def test_a_killed_study_resumes_without_rerunning_finished_trials(synth_root, smoke_zoo, tmp_path):
+    args = [sys.executable, str(REPO / "tune.py"), "--config", str(REPO / "experiments" / "smoke.yaml"),
+            *study_overrides(tmp_path, synth_root, smoke_zoo, "search.num_samples=3")]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(args, cwd=tmp_path, env=env(), stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and first.poll() is None:
+            if any(len(starts) and 2 in starts for starts in epoch_starts(tmp_path).values()):
+                done = [p for p in (tmp_path / "out").glob("*/trials/*/train_log.jsonl")
+                        if '"epoch_end"' in p.read_text() and '"epoch": 2,' in p.read_text().split("epoch_end")[-1]]
+                if done:
+                    break
+            time.sleep(1)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(4)  # let Tune record the finished trial
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started die together
+        first.wait()
+    before = epoch_starts(tmp_path)
+    assert before, "no trial started before the kill"
+
+    second = subprocess.run([*args, "--resume"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming study smoke-" in second.stdout
+    assert "clips     0 videos decoded, 16 reused, 0 bad" in second.stdout  # decoded once for the study
+    parent, children = check_study(tmp_path, n_trials=3, epochs=2)
+    after = epoch_starts(tmp_path)
+    assert len(after) == 3
+    for trial, starts in after.items():
+        assert len(starts) == len(set(starts)), f"trial {trial} trained an epoch twice: {starts}"
+    finished_before = [t for t, s in before.items() if s == [1, 2]]
+    assert finished_before and all(after[t] == [1, 2] for t in finished_before)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_head(temp_dir: str) -> None:
+    """Stop only the Ray processes of this head (``ray stop`` would stop every Ray on the machine)."""
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
+
+
+def test_ray_job_submit_runs_the_smoke_study_on_a_local_head(synth_root, smoke_zoo, tmp_path):
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    gcs, dash = free_port(), free_port()
+    start = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--num-cpus", "4", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dash), "--temp-dir", temp_dir, "--disable-usage-stats"],
+        env=env(RAY_ADDRESS=""), capture_output=True, text=True, timeout=180)
+    try:
+        assert start.returncode == 0, start.stderr[-3000:]
+        runtime_env = json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}})
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+             "--runtime-env-json", runtime_env, "--", "python", "tune.py", "--config", "experiments/smoke.yaml",
+             *study_overrides(tmp_path, synth_root, smoke_zoo)],
+            env=env(RAY_ADDRESS=""), capture_output=True, text=True, timeout=900)
+        out = submit.stdout + submit.stderr
+        assert submit.returncode == 0 and "succeeded" in out, out[-5000:]
+        assert "best student:" in out and "mlflow ui --backend-store-uri" in out
+        assert "Started a local Ray instance" not in out  # it attached to the head
+    finally:
+        stop_head(temp_dir)
+    check_study(tmp_path, n_trials=2, epochs=2)

@@ -1,0 +1,115 @@
+"""The search without running one: space, recipe, concurrency, study names, tracking URI, tables."""
+
+import os
+import pickle
+
+import optuna
+import pytest
+
+from tmad_ray import tracking
+from tmad_ray.config import config_from_dict, load_config
+from tmad_ray.search.space import apply_params, define_space, distributions, space_for
+from tmad_ray.search.tuner import (STATE_FILE, StudyError, check_layer_sets, concurrent_trials, results_table,
+                                   study_name)
+
+
+def test_define_by_run_space_samples_within_bounds_and_pickles():
+    cfg = load_config(None, ["search.lr=[1e-4,1e-2]"])
+    space = space_for(cfg.search)
+    assert pickle.loads(pickle.dumps(space)).keywords == space.keywords  # no lambda: experiment state pickles
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        space(trial)
+        p = trial.params
+        for k in ("alpha", "beta", "gamma", "delta", "temperature", "lr"):
+            lo, hi = getattr(cfg.search, k)
+            assert lo <= p[k] <= hi
+        assert p["align_layers"] in cfg.search.align_layer_sets
+        study.tell(trial, 0.5)
+    assert set(distributions(cfg.search)) == set(study.trials[0].params)
+    no_lr = optuna.create_study().ask()
+    define_space(*space_for(load_config(None).search).args, no_lr)
+    assert "lr" not in no_lr.params
+
+
+def test_apply_params_sets_the_recipe_of_a_trial():
+    cfg = load_config(None)
+    got = apply_params(cfg, {"alpha": 2.0, "beta": 0.5, "gamma": 0.1, "delta": 0.3, "temperature": 3.0,
+                             "align_layers": "-1,-3", "lr": 1e-3})
+    d = got.distill
+    assert (d.alpha, d.beta, d.gamma, d.delta, d.temperature, d.align_layers) == (2.0, 0.5, 0.1, 0.3, 3.0, [-1, -3])
+    assert got.train.lr == 1e-3 and cfg.distill.alpha == 1.0  # the original is untouched
+
+
+def test_concurrent_trials_from_cluster_resources():
+    cfg = load_config(None)  # 2 workers x 1 CPU, plus the trial driver's CPU
+    assert concurrent_trials(cfg, {"CPU": 4}) == 1
+    assert concurrent_trials(cfg, {"CPU": 16}) == 5
+    gpu = load_config(None, ["train.use_gpu=true", "train.num_workers=4"])
+    assert concurrent_trials(gpu, {"CPU": 64, "GPU": 8}) == 2
+    capped = load_config(None, ["search.max_concurrent_trials=2"])
+    assert concurrent_trials(capped, {"CPU": 64}) == 2
+
+
+def test_layer_sets_must_fit_the_student():
+    check_layer_sets(load_config(None), 4)
+    with pytest.raises(StudyError, match=r"'-1,-2,-3': aligned layer -3 .*depth 2"):
+        check_layer_sets(load_config(None), 2)
+
+
+def test_study_names_and_resume(tmp_path):
+    cfg = load_config(None, [f"storage.ray_results={tmp_path}"])
+    name, resuming = study_name(cfg, None)
+    assert name.startswith("default-") and not resuming
+    with pytest.raises(StudyError, match="no study of 'default'"):
+        study_name(cfg, True)
+    for n in ("default-1", "default-2"):
+        (tmp_path / n).mkdir()
+        (tmp_path / n / STATE_FILE).write_text("{}")
+    os.utime(tmp_path / "default-1" / STATE_FILE, (1, 1))
+    assert study_name(cfg, True) == ("default-2", True)
+    assert study_name(cfg, "default-1") == ("default-1", True)
+    with pytest.raises(StudyError, match="no study 'nope'"):
+        study_name(cfg, "nope")
+
+
+def test_tracking_uri_from_config_environment_or_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(config_from_dict({}).tracking) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking.resolve_tracking_uri(config_from_dict({}).tracking) == "http://mlflow:5000"
+    explicit = config_from_dict({"tracking": {"tracking_uri": "sqlite:///x.db"}}).tracking
+    assert tracking.resolve_tracking_uri(explicit) == f"sqlite:///{tmp_path}/x.db"
+
+
+def test_parent_and_child_runs_are_found_again(tmp_path):
+    c = tracking.client(f"sqlite:///{tmp_path}/m.db")
+    exp = tracking.experiment_id(c, "e")
+    parent = tracking.open_parent(c, exp, "study-1", resume=False)
+    assert tracking.open_parent(c, exp, "study-1", resume=True) == parent
+    child = tracking.open_child(c, exp, parent, "study-1", "t1", "trial_1")
+    c.set_terminated(child, status="FAILED")
+    again = tracking.open_child(c, exp, parent, "study-1", "t1", "trial_1")
+    assert again == child and c.get_run(child).info.status == "RUNNING"
+    assert c.get_run(child).data.tags[tracking.PARENT_TAG] == parent
+    metrics = {"epoch": 2, "val_accuracy": 0.5, "val_per_class": {"A": 1.0, "B 1?": 0.0}, "flag": True,
+               "val_confusion": [[1, 0], [1, 0]]}
+    assert tracking.epoch_metrics(metrics) == {"epoch": 2.0, "val_accuracy": 0.5, "val_acc/A": 1.0,
+                                               "val_acc/B 1_": 0.0}
+    tracking.log_epoch(c, child, metrics, ["A", "B 1?"])
+    names = {a.path for a in c.list_artifacts(child)}
+    assert names == {"confusion_matrix.png", "per_class.json"}
+    assert [m.step for m in c.get_metric_history(child, "val_accuracy")] == [2]
+
+
+def test_results_table_has_a_row_per_trial():
+    rows = [{"trial": "a1", "alpha": 1.0, "beta": 2.0, "gamma": 0.1, "delta": 0.5, "temperature": 4.0,
+             "align_layers": "-1", "val_accuracy": 0.75, "epochs": 4, "status": "COMPLETED"},
+            {"trial": "b2", "alpha": None, "beta": None, "gamma": None, "delta": None, "temperature": None,
+             "align_layers": None, "val_accuracy": None, "epochs": 0, "status": "ERROR"}]
+    table = results_table(rows, "val_accuracy").splitlines()
+    assert table[0] == "| trial | alpha | beta | gamma | delta | T | layers | best val_accuracy | epochs | status |"
+    assert table[2] == "| a1 | 1 | 2 | 0.1 | 0.5 | 4.00 | -1 | 0.750 | 4 | COMPLETED |"
+    assert table[3].startswith("| b2 | - |") and table[3].endswith("| 0 | ERROR |")
