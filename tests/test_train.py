@@ -88,3 +88,18 @@ def test_train_command_then_eval_and_pipeline(synth_root, smoke_zoo, tmp_path):
     video = next((synth_root / "videos").glob("*.mp4"))
     pred = clf(str(video), frame_sampling_rate=2)
     assert {p["label"] for p in pred} == {"A", "B1", "B2", "G"}
+
+
+def test_training_reads_the_frozen_target_cache(synth_root, smoke_zoo, tmp_path, ray_local):
+    from tmad_ray.cli import prepare_study
+    from tmad_ray.data.cache import ClipCache
+    from tmad_ray.train.run import fit
+
+    cfg = smoke_config(tmp_path, synth_root, *smoke_zoo, "distill.cache_targets=true", "train.epochs=1",
+                       "distill.attn_query_tokens=8")
+    manifest, report, _ = prepare_study(cfg)
+    assert report.targets_key and ClipCache(cfg.storage.clip_cache).size_bytes("targets") > 0
+    out = fit(cfg, manifest, report, "cached")
+    m = out.result.metrics
+    assert {"train_feat", "train_attn", "train_asym", "train_kd_teacher"} <= set(m)
+    assert m["train_clips"] == len(manifest.rows["train"]) * cfg.data.train_views

@@ -136,12 +136,20 @@ def prepare_errors() -> tuple:
 
 
 def prepare_study(cfg):
-    """Data cached once (bad fraction checked) and every model loaded: (manifest, report, models)."""
+    """Data cached once (bad fraction checked), every model loaded and, with ``distill.cache_targets``,
+    the frozen models' targets computed once: (manifest, report, models)."""
     from tmad_ray.data.pipeline import check_bad_fraction
 
     manifest, report = prepare_data(cfg)
     check_bad_fraction(report, cfg.data.max_bad_fraction)
-    return manifest, report, load_models(cfg, manifest.labels)
+    models = load_models(cfg, manifest.labels)
+    if cfg.distill.cache_targets:
+        from tmad_ray.distill.targets import build_target_cache
+
+        stats = build_target_cache(cfg, report, {"teacher": models["teacher"], "assistant": models["assistant"]},
+                                   models["student"].config.num_hidden_layers, manifest.labels)
+        report.targets_key = stats["key"]
+    return manifest, report, models
 
 
 def describe_models(models: dict) -> str:
@@ -272,6 +280,28 @@ def cmd_bench_step(args) -> int:
     cfg = load_config(args.config, args.overrides)
     ks = [int(k) for k in args.attn_layers.split(",")] if args.attn_layers else None
     run_step_bench(cfg, out=args.out, steps=args.steps, warmup=args.warmup, attn_ks=ks, threads=args.threads)
+    return 0
+
+
+def cmd_bench_quality(args) -> int:
+    from tmad_ray.bench.quality import run_quality_bench
+
+    cfg = load_config(args.config, args.overrides)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    variants = args.variants.split(",") if args.variants else None
+    try:
+        run_quality_bench(cfg, out=args.out, seeds=seeds, recipe=args.recipe, variants=variants)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench_search(args) -> int:
+    from tmad_ray.bench.search import run_search_bench
+
+    cfg = load_config(args.config, args.overrides)
+    run_search_bench(cfg, out=args.out, trials=args.trials, epochs=args.epochs)
     return 0
 
 
@@ -409,6 +439,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     _config_args(p)
     p.set_defaults(fn=cmd_bench_step)
+    p = bench.add_parser("search", help="trials/hour of the system vs the reference framework's way, same trials")
+    p.add_argument("--out", default="bench/search.json")
+    p.add_argument("--trials", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the config's)")
+    _config_args(p)
+    p.set_defaults(fn=cmd_bench_search)
+    p = bench.add_parser("quality", help="test accuracy: CE-only vs the searched distillation vs each term off")
+    p.add_argument("--out", default="bench/quality.json")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--recipe", default="searched",
+                   help="'searched' (the latest study's best.json), a best.json path, or 'config'")
+    p.add_argument("--variants", default=None, help="subset, e.g. ce_only,distilled")
+    _config_args(p)
+    p.set_defaults(fn=cmd_bench_quality)
     return parser
 
 

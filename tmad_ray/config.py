@@ -164,6 +164,8 @@ class DistillConfig(_Strict):
     asym_time: int | None = Field(None, ge=1)
     asym_space: int = Field(4, ge=1)
     cache_targets: bool = False
+    # With cache_targets: K fixed augmentations (crop + flip) per cached view, each with its targets.
+    target_views: int = Field(2, ge=1, le=16)
 
     @field_validator("align_layers")
     @classmethod

@@ -123,10 +123,25 @@ class ClipCache:
         body = json.dumps({"video_id": video_id, "reason": reason}).encode()
         self._atomic_write(self._path(key, ".bad.json"), lambda f: f.write(body))
 
-    def read_clips(self, key: str) -> tuple[list[str], np.ndarray]:
-        table = pq.read_table(self.entry_path(key), filesystem=self.fs)
-        return table.column("video_id").to_pylist(), clips_from_batch(table.to_pydict())
+    def read_rows(self, key: str) -> dict:
+        """An entry as columns (``video_id``, ``view``, ``clip`` bytes, ``shape``), like a Ray Data batch."""
+        return pq.read_table(self.entry_path(key), filesystem=self.fs).to_pydict()
 
-    def size_bytes(self) -> int:
-        sel = pafs.FileSelector(self.base, recursive=True, allow_not_found=True)
+    def read_clips(self, key: str) -> tuple[list[str], np.ndarray]:
+        rows = self.read_rows(key)
+        return rows["video_id"], clips_from_batch(rows)
+
+    def write_blob(self, relpath: str, body: bytes) -> None:
+        """Any file under the cache (written atomically), e.g. frozen-model targets."""
+        self._atomic_write(f"{self.base}/{relpath}", lambda f: f.write(body))
+
+    def read_blob(self, relpath: str) -> bytes | None:
+        path = f"{self.base}/{relpath}"
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def size_bytes(self, sub: str | None = None) -> int:
+        sel = pafs.FileSelector(f"{self.base}/{sub}" if sub else self.base, recursive=True, allow_not_found=True)
         return sum(i.size for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File)

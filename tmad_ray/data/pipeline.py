@@ -88,6 +88,7 @@ class CacheReport:
     seconds: float = 0.0
     bad: list[Problem] = field(default_factory=list)
     entries: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> video_id -> key
+    targets_key: str | None = None  # the frozen-target cache of the study (distill.cache_targets)
 
     @property
     def clips_per_s(self) -> float:

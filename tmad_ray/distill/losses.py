@@ -42,13 +42,14 @@ def attention_map(q: torch.Tensor, k: torch.Tensor, heads: int, query_idx: torch
     """Head-averaged attention probabilities from a layer's query and key projections.
 
     ``q, k``: ``[B,N,D]`` (outputs of the layer's query / key linears). ``query_idx``: optional
-    ``[Nq]`` rows to keep, so memory is ``B·H·Nq·N`` rather than ``B·H·N·N``. Returns ``[B,Nq,N]``:
-    ``mean_h softmax(q_h k_hᵀ / sqrt(D/H))``, the probabilities the layer's attention uses.
+    rows to keep, ``[Nq]`` for the whole batch or ``[B,Nq]`` per clip, so memory is ``B·H·Nq·N``
+    rather than ``B·H·N·N``. Returns ``[B,Nq,N]``: ``mean_h softmax(q_h k_hᵀ / sqrt(D/H))``, the
+    probabilities the layer's attention uses.
     """
     b, n, d = q.shape
     dh = d // heads
     if query_idx is not None:
-        q = q[:, query_idx]
+        q = q[:, query_idx] if query_idx.dim() == 1 else q[torch.arange(b, device=q.device)[:, None], query_idx]
     qh = q.reshape(b, q.shape[1], heads, dh).transpose(1, 2).float()
     kh = k.reshape(b, n, heads, dh).transpose(1, 2).float()
     scores = qh @ kh.transpose(-1, -2) * dh ** -0.5

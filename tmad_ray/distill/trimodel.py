@@ -156,6 +156,19 @@ class Frozen:
             res["logits"] = out.logits
         return res
 
+    def select(self, cached: dict) -> dict:
+        """The cached targets this trial's layers need, shaped as ``targets`` returns them (grid pooled)."""
+        res: dict = {}
+        if self.needs.feat:
+            res["feats"] = [cached["feats"][j] for j in self.layers]
+        if self.needs.attn:
+            res["attn"] = [cached["attn"][j] for j in self.layers]
+        if self.needs.asym:
+            res["grid"] = cached["grid"][self.last]
+        if self.teaches_logits:
+            res["logits"] = cached["logits"]
+        return res
+
 
 def same_labels(model: nn.Module, labels: list[str]) -> bool:
     """Whether a frozen model has a classifier whose id2label is the dataset's (then it teaches logits)."""
@@ -218,14 +231,22 @@ class TriModel(nn.Module):
         time = self.cfg.asym_time or self.grid[0]
         return losses.pool_grid(tokens, self.grid, time, self.cfg.asym_space)
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        query_idx = self._query_idx(pixel_values.device)
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor, cached: dict | None = None,
+                query_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``cached``: the frozen models' targets from the target cache (``targets.TargetReader``),
+        ``{model: {"feats"|"attn"|"grid": {frozen layer: [B,...]}, "logits": [B,C]}}``, instead of
+        running them; ``query_idx`` then gives the attention rows they were computed for."""
+        if query_idx is None:
+            query_idx = self._query_idx(pixel_values.device)
         student = self.trainable(pixel_values, query_idx)
         frozen = {}
         for name, f in self.frozen.items():
-            x = f.targets(pixel_values, query_idx)
-            if "tokens" in x:
-                x["grid"] = self._grid(x.pop("tokens"))
+            if cached is not None:
+                x = f.select(cached[name])
+            else:
+                x = f.targets(pixel_values, query_idx)
+                if "tokens" in x:
+                    x["grid"] = self._grid(x.pop("tokens"))
             frozen[name] = x
         if "tokens" in student:
             student["grid"] = self._grid(student.pop("tokens"))

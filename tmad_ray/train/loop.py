@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from tmad_ray.data.cache import clips_from_batch
+from tmad_ray.distill.targets import TargetCache, TargetReader, crop_flip
 from tmad_ray.distill.trimodel import TriModel
 from tmad_ray.models.toyzoo import normalize
 from tmad_ray.train import evaluate as ev
@@ -114,6 +115,32 @@ class Shard:
                               "video_id": np.zeros(0, str), "view": np.zeros(0, np.int32)}
 
 
+class CacheRows:
+    """Entries read straight from the clip cache, batched like a Ray Data iterator (``iter_batches``).
+
+    Evaluation uses it: each rank reads only its own val videos, which costs a few file reads
+    instead of a Ray Data pass (seconds of start-up per trial on a small study)."""
+
+    def __init__(self, cache_uri: str, entries: dict[str, str], labels: dict[str, int]):
+        self.cache_uri, self.entries, self.labels = cache_uri, entries, labels
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
+        from tmad_ray.data.cache import ClipCache
+
+        cache, buf = ClipCache(self.cache_uri), {"video_id": [], "view": [], "clip": [], "shape": [], "label": []}
+        for vid in sorted(self.entries):
+            rows = cache.read_rows(self.entries[vid])
+            for k in ("video_id", "view", "clip", "shape"):
+                buf[k] += rows[k]
+            buf["label"] += [self.labels[vid]] * len(rows["clip"])
+            while len(buf["clip"]) >= batch_size:
+                yield {k: np.asarray(v[:batch_size], dtype=object if k in ("clip", "shape") else None)
+                       for k, v in buf.items()}
+                buf = {k: v[batch_size:] for k, v in buf.items()}
+        if buf["clip"]:
+            yield {k: np.asarray(v, dtype=object if k in ("clip", "shape") else None) for k, v in buf.items()}
+
+
 def all_reduce(values: np.ndarray | list, op=None) -> np.ndarray:
     """Sum (or ``op``) a float64 array over ranks; identity without a process group."""
     t = torch.as_tensor(np.asarray(values, np.float64))
@@ -135,7 +162,7 @@ def shard_overlap(seen: list[str], world: int) -> int:
 
 
 def train_epoch(tri: TriModel, shard: Shard, optimizer, scheduler, cfg, device, epoch: int, rank: int,
-                gen: torch.Generator, autocast, fault=None) -> dict:
+                gen: torch.Generator, autocast, fault=None, targets=None) -> dict:
     """One pass over this rank's clips; returns summed loss terms and counts (to be all-reduced)."""
     t = cfg.train
     tri.trainable.train()
@@ -145,12 +172,18 @@ def train_epoch(tri: TriModel, shard: Shard, optimizer, scheduler, cfg, device, 
     for step, batch in enumerate(batches, start=1):
         if fault is not None:
             fault(epoch, step)
-        x = augment(torch.as_tensor(batch["clip"]).to(device), cfg.data.image_size, t.flip, gen)
+        clips = torch.as_tensor(batch["clip"]).to(device)
+        cached, query = None, None
+        if targets is None:
+            x = augment(clips, cfg.data.image_size, t.flip, gen)
+        else:  # one of the K augmentations whose frozen targets are cached
+            params, query, cached = targets.batch(batch["video_id"], batch["view"], gen, device)
+            x = crop_flip(clips, params, cfg.data.image_size)
         y = torch.as_tensor(batch["label"]).to(device)
         sync = step % t.grad_accum == 0
         no_sync = getattr(tri.trainable, "no_sync", None)
         with (no_sync() if (not sync and no_sync) else contextlib.nullcontext()), autocast():
-            out = tri(x, y)
+            out = tri(x, y, cached=cached, query_idx=query)
         (out["loss"] / t.grad_accum).backward()
         if sync:
             _optimizer_step(tri, optimizer, scheduler, t.grad_clip)
@@ -228,8 +261,9 @@ def kill_switch(cfg, rank: int):
 
 def train_loop_per_worker(config: dict) -> None:
     """``config``: ``cfg`` (the experiment as a dict), ``labels``, ``train_clips`` (total train clips),
-    ``val_videos`` (sorted val video ids), ``log_path`` (rank 0's JSON-lines log), and optionally
-    ``mlflow`` (``{"uri", "run_id"}``: the trial's child run, logged by rank 0)."""
+    ``val_entries`` and ``val_labels`` (val video id -> cache key, label id), ``log_path`` (rank 0's JSON-lines log), and optionally
+    ``mlflow`` (``{"uri", "run_id"}``: the trial's child run, logged by rank 0), ``targets_key`` and
+    ``train_entries`` (the frozen-target cache, when ``distill.cache_targets``)."""
     import ray.data
     import ray.train
     import ray.train.torch
@@ -251,17 +285,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     tri = build_trimodel(cfg, labels)
     tri.wrap(ray.train.torch.prepare_model)  # student + projectors: to the device, DDP when world > 1
-    tri.frozen_to(device)
     t = cfg.train
     optimizer = torch.optim.AdamW(tri.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     per_rank = config["train_clips"] // world  # streaming_split(equal=True) gives every rank this many
     steps = math.ceil(math.ceil(per_rank / t.batch_size) / t.grad_accum) * t.epochs
     scheduler = cosine_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
 
-    val_index = {v: i for i, v in enumerate(config["val_videos"])}
     train_shard = Shard(ray.train.get_dataset_shard("train"), t.hold_in_memory_mb)
-    val_shard = Shard(ray.train.get_dataset_shard("val"), t.hold_in_memory_mb,
-                      own=lambda v: val_index[v] % world == rank)
+    own_val = {v: config["val_entries"][v] for i, v in enumerate(sorted(config["val_entries"])) if i % world == rank}
+    val_shard = Shard(CacheRows(cfg.storage.clip_cache, own_val, config["val_labels"]), t.hold_in_memory_mb)
 
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -274,6 +306,12 @@ def train_loop_per_worker(config: dict) -> None:
         start = state["epoch"]
     gen = torch.Generator().manual_seed(t.seed * 7919 + rank * 104729 + start)
     fault = kill_switch(cfg, rank)
+    targets = None
+    if config.get("targets_key"):
+        targets = TargetReader(TargetCache(cfg.storage.clip_cache, config["targets_key"]), config["train_entries"],
+                               cfg.distill.target_views)
+    else:
+        tri.frozen_to(device)
     log = _Log(config.get("log_path") if rank == 0 else None)
     mlflow_run = config.get("mlflow") if rank == 0 else None  # {"uri", "run_id"}: rank 0 logs, nobody else
     log.write(event="start", epoch=start, world=world, resumed=checkpoint is not None)
@@ -286,7 +324,8 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start + 1, t.epochs + 1):
         log.write(event="epoch_start", epoch=epoch)
         t0 = time.perf_counter()
-        tr = train_epoch(tri, train_shard, optimizer, scheduler, cfg, device, epoch, rank, gen, autocast, fault)
+        tr = train_epoch(tri, train_shard, optimizer, scheduler, cfg, device, epoch, rank, gen, autocast, fault,
+                         targets)
         train_s = time.perf_counter() - t0
         va = evaluate_shard(tri.core.student, val_shard, labels, device, t.batch_size, autocast)
 

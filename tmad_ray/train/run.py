@@ -15,9 +15,13 @@ from tmad_ray.train.loop import STUDENT_DIR, train_loop_per_worker
 
 def loop_config(cfg, manifest, report, log_path: str | None, mlflow_run: dict | None = None) -> dict:
     """What ``train_loop_per_worker`` needs, all plain data (it travels to the workers)."""
+    targets = report.targets_key if cfg.distill.cache_targets else None
     return {"cfg": cfg.model_dump(), "labels": list(manifest.labels),
             "train_clips": len(report.entries["train"]) * cfg.data.train_views,
-            "val_videos": sorted(report.entries["val"]), "log_path": log_path, "mlflow": mlflow_run}
+            "val_entries": dict(report.entries["val"]),
+            "val_labels": {r.path: manifest.label2id[r.label] for r in manifest.rows["val"]},
+            "log_path": log_path, "mlflow": mlflow_run,
+            "targets_key": targets, "train_entries": dict(report.entries["train"]) if targets else None}
 
 
 def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = None, log_path: str | None = None,
@@ -46,9 +50,8 @@ def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = Non
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep,
                                                          checkpoint_score_attribute="val_accuracy",
                                                          checkpoint_score_order="max")),
-        # val is not split: every rank reads it and evaluates its own videos, all views of a video together
-        datasets={"train": clip_dataset(manifest, report, cfg, "train"),
-                  "val": clip_dataset(manifest, report, cfg, "val")},
+        # val is read by each rank straight from the cache (its own videos, all views of a video together)
+        datasets={"train": clip_dataset(manifest, report, cfg, "train")},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
