@@ -6,7 +6,6 @@ AMD's key names, so ``save_amd`` writes files in AMD's checkpoint format.
 """
 
 import argparse
-import math
 
 import torch
 import torch.nn.functional as F

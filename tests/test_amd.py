@@ -1,7 +1,6 @@
 """AMD -> transformers conversion, checked against an independent implementation of AMD's ViT."""
 
 import argparse
-import pickle
 import subprocess
 import sys
 

@@ -153,3 +153,18 @@ def test_ray_job_submit_runs_the_smoke_study_on_a_local_head(synth_root, smoke_z
     finally:
         stop_head(temp_dir)
     check_study(tmp_path, n_trials=2, epochs=2)
+
+
+def test_nsga2_search_over_student_depth_gives_a_pareto_front(synth_root, smoke_zoo, tmp_path, ray_local, capsys):
+    from tmad_ray.cli import main
+
+    rc = main(["tune", "--config", str(REPO / "experiments" / "smoke.yaml"),
+               *study_overrides(tmp_path, synth_root, smoke_zoo, "search.num_samples=3", "train.epochs=1",
+                                "search.objectives=[val_accuracy,student_latency_ms]", "search.algorithm=nsga2",
+                                "search.student_depths=[1,2]", 'search.align_layer_sets=["-1"]')])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "Pareto front:" in out and "| trial | val_accuracy | student_latency_ms | student depth |" in out
+    c, parents, children = study_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(children) == 3 and all("student_latency_ms" in ch.data.metrics for ch in children)
+    assert {"pareto.md", "pareto.png"} <= {a.path for a in c.list_artifacts(parents[0].info.run_id)}

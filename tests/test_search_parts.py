@@ -113,3 +113,29 @@ def test_results_table_has_a_row_per_trial():
     assert table[0] == "| trial | alpha | beta | gamma | delta | T | layers | best val_accuracy | epochs | status |"
     assert table[2] == "| a1 | 1 | 2 | 0.1 | 0.5 | 4.00 | -1 | 0.750 | 4 | COMPLETED |"
     assert table[3].startswith("| b2 | - |") and table[3].endswith("| 0 | ERROR |")
+
+
+def test_pareto_front_by_hand():
+    from tmad_ray.search.tuner import objective_modes, pareto_front
+
+    rows = [{"trial": t, "val_accuracy": a, "student_latency_ms": l}
+            for t, a, l in [("a", 0.9, 10.0), ("b", 0.8, 5.0), ("c", 0.7, 6.0), ("d", 0.9, 12.0), ("e", None, 1.0)]]
+    front = pareto_front(rows, ["val_accuracy", "student_latency_ms"], ["max", "min"])
+    assert [r["trial"] for r in front] == ["a", "b"]  # c is beaten by b, d by a; e has no result
+    cfg = load_config(None, ["search.objectives=[val_accuracy,student_latency_ms]"])
+    assert objective_modes(cfg) == (["val_accuracy", "student_latency_ms"], ["max", "min"])
+
+
+def test_student_depth_is_searched_only_for_depth_width_heads_students():
+    cfg = load_config(None, ["search.student_depths=[2,4]", "search.align_layer_sets=[\"-1\",\"-1,-2\"]"])
+    trial = optuna.create_study().ask()
+    space_for(cfg.search)(trial)
+    assert trial.params["student_depth"] in (2, 4)
+    assert apply_params(cfg, {"student_depth": 2}).models.student.depth == 2
+    check_layer_sets(cfg, 4)
+    with pytest.raises(StudyError, match="-1,-2,-3"):
+        check_layer_sets(load_config(None, ["search.student_depths=[2,4]"]), 4)  # "-1,-2,-3" needs depth 3
+    with pytest.raises(StudyError, match="depth/width/heads"):
+        check_layer_sets(load_config(None, ["search.student_depths=[2]", "models.student={size: vit-s}"]), 12)
+    with pytest.raises(Exception, match="objectives"):
+        load_config(None, ["search.objectives=[val_accuracy,latency]"])

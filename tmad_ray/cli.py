@@ -198,6 +198,10 @@ def cmd_tune(args) -> int:
     print(f"\nbest: trial {b['trial']}  {cfg.search.metric} {b[cfg.search.metric]:.3f}  alpha={b['alpha']:.3g} "
           f"beta={b['beta']:.3g} gamma={b['gamma']:.3g} delta={b['delta']:.3g} T={b['temperature']:.2f} "
           f"layers={b['align_layers']}" + (f" lr={b['lr']:.3g}" if "lr" in b else ""))
+    if out.pareto:
+        from tmad_ray.search.tuner import objective_modes, pareto_table
+
+        print("\nPareto front:\n" + pareto_table(out.pareto, objective_modes(cfg)[0]))
     print(f"best student: {out.best_student}")
     if out.model_version:
         print(f"registered: {cfg.tracking.registered_model} version {out.model_version}")
@@ -302,6 +306,13 @@ def cmd_bench_search(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_search_bench(cfg, out=args.out, trials=args.trials, epochs=args.epochs)
+    return 0
+
+
+def cmd_bench_gpu(args) -> int:
+    from tmad_ray.bench.gpu import run_gpu_bench
+
+    run_gpu_bench(args.out, tiny=args.tiny, batch=args.batch, steps=args.steps)
     return 0
 
 
@@ -445,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the config's)")
     _config_args(p)
     p.set_defaults(fn=cmd_bench_search)
+    p = bench.add_parser("gpu", help="tri-model step at real sizes on one GPU: clips/s and MFU (--tiny: CPU)")
+    p.add_argument("--out", default="bench/gpu.json")
+    p.add_argument("--tiny", action="store_true", help="toy sizes, runs on CPU (what the tests run)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=10)
+    p.set_defaults(fn=cmd_bench_gpu)
     p = bench.add_parser("quality", help="test accuracy: CE-only vs the searched distillation vs each term off")
     p.add_argument("--out", default="bench/quality.json")
     p.add_argument("--seeds", default="0,1,2")

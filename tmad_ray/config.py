@@ -215,6 +215,8 @@ class SearchConfig(_Strict):
     temperature: list[float] = [1.0, 8.0]
     lr: list[float] | None = None
     align_layer_sets: list[str] = ["-1", "-1,-2", "-1,-2,-3", "-1,-4,-8"]
+    # Also search the student's depth (a depth/width/heads student), e.g. for accuracy vs latency.
+    student_depths: list[int] | None = None
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2, gt=1)
     max_concurrent_trials: int | None = Field(None, ge=1)
@@ -224,6 +226,21 @@ class SearchConfig(_Strict):
     @classmethod
     def _bounds(cls, v: list[float] | None, info) -> list[float] | None:
         return None if v is None else _check_bounds(f"search.{info.field_name}", v)
+
+    @field_validator("student_depths")
+    @classmethod
+    def _depths(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError("student_depths must list depths >= 1")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str] | None) -> list[str] | None:
+        known = {"val_accuracy", "val_macro_f1", "val_loss", "student_latency_ms", "student_params_m"}
+        if v is not None and (not v or set(v) - known):
+            raise ValueError(f"objectives must be among {sorted(known)}")
+        return v
 
     @field_validator("align_layer_sets")
     @classmethod

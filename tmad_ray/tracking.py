@@ -72,7 +72,9 @@ def log_params(c, run_id: str, params: dict) -> None:
     """Params are immutable in MLflow: a restarted trial logs the same values again, which is allowed."""
     from mlflow.entities import Param
 
-    c.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(run_id, params=items[i:i + 100])
 
 
 def metric_key(name: str) -> str:

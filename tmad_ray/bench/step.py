@@ -96,13 +96,20 @@ def _run_variant(cfg_dict: dict, variant: dict, steps: int, warmup: int, threads
     x = torch.randn(b, *shape, device=device)
     y = torch.randint(0, len(labels), (b,), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    cached, query = None, None
+    if variant.get("cached"):  # the frozen-target cache: targets read, not computed (made once here)
+        cached, query = _cached_targets(tri, x, d)
+        for f in tri.frozen.values():  # nothing of the frozen models stays on the device
+            f.model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def step():
         with autocast:
             for m in extra:
                 with torch.no_grad():
                     m(pixel_values=x)
-            out = tri(x, y)
+            out = tri(x, y, cached=cached, query_idx=query)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -127,6 +134,26 @@ def _run_variant(cfg_dict: dict, variant: dict, steps: int, warmup: int, threads
     queue.put({"name": variant["name"], "ms": statistics.median(times) * 1e3,
                "ms_min": min(times) * 1e3, "clips_per_s": b / statistics.median(times), "peak_mb": peak_mb,
                "rss_before_steps_mb": rss0 / 1024, "device": device.type})
+
+
+def _cached_targets(tri, x, d) -> tuple[dict, torch.Tensor | None]:
+    """Targets shaped as ``targets.TargetReader`` returns them, from one real forward of each frozen model."""
+    from tmad_ray.distill.targets import frozen_targets
+    from tmad_ray.distill.trimodel import token_grid
+
+    grid = token_grid(tri.core.student.config)
+    n = grid[0] * grid[1] * grid[2]
+    query = None
+    if d.attn_query_tokens and d.attn_query_tokens < n:
+        query = torch.stack([torch.randperm(n, device=x.device)[:d.attn_query_tokens] for _ in range(len(x))])
+    cached = {}
+    for name, f in tri.frozen.items():
+        layers = sorted(set(f.layers) | {f.last})
+        t = frozen_targets(f.model, x, layers, grid, d.asym_time or grid[0], d.asym_space, tri.needs.attn, query,
+                           f.teaches_logits)
+        cached[name] = {k: ({j: v.float() for j, v in val.items()} if isinstance(val, dict) else val.float())
+                        for k, val in t.items()}
+    return cached, query
 
 
 def variants(cfg, attn_ks: list[int]) -> list[dict]:

@@ -19,18 +19,22 @@ def bounds_of(search_cfg) -> dict:
     b["align_layers"] = list(s.align_layer_sets)
     if s.lr is not None:
         b["lr"] = list(s.lr)
+    if s.student_depths:
+        b["student_depth"] = list(s.student_depths)
     return b
 
 
 def define_space(bounds: dict, trial) -> None:
     """α, β, γ, δ log-uniform, T uniform, the aligned layers as a categorical over layer-set strings,
-    and the learning rate (log-uniform) when the config gives bounds for it."""
+    the learning rate (log-uniform) and the student's depth when the config gives them."""
     for k in WEIGHTS:
         trial.suggest_float(k, *bounds[k], log=True)
     trial.suggest_float("temperature", *bounds["temperature"])
     trial.suggest_categorical("align_layers", bounds["align_layers"])
     if "lr" in bounds:
         trial.suggest_float("lr", *bounds["lr"], log=True)
+    if "student_depth" in bounds:
+        trial.suggest_categorical("student_depth", bounds["student_depth"])
 
 
 def space_for(search_cfg):
@@ -47,6 +51,8 @@ def distributions(search_cfg) -> dict:
     d["align_layers"] = CategoricalDistribution(b["align_layers"])
     if "lr" in b:
         d["lr"] = FloatDistribution(*b["lr"], log=True)
+    if "student_depth" in b:
+        d["student_depth"] = CategoricalDistribution(b["student_depth"])
     return d
 
 
@@ -60,4 +66,8 @@ def apply_params(cfg, params: dict):
         cfg.distill.align_layers = parse_layer_set(params["align_layers"])
     if "lr" in params:
         cfg.train.lr = float(params["lr"])
+    if "student_depth" in params:
+        if cfg.models.student.depth is None:
+            raise ValueError("search.student_depths needs a student given as depth/width/heads")
+        cfg.models.student.depth = int(params["student_depth"])
     return cfg

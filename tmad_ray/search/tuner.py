@@ -86,6 +86,7 @@ class StudyOutcome:
     parent_run_id: str
     tracking_uri: str
     model_version: str | None
+    pareto: list[dict] | None = None
 
 
 def concurrent_trials(cfg, resources: dict) -> int:
@@ -100,9 +101,17 @@ def concurrent_trials(cfg, resources: dict) -> int:
 
 
 def check_layer_sets(cfg, student_depth: int) -> None:
+    """Every layer set must exist in every student the search can build (errors before any trial)."""
     from tmad_ray.config import parse_layer_set
     from tmad_ray.distill.trimodel import resolve_layer
 
+    if cfg.search.student_depths:
+        if cfg.models.student.depth is None:
+            raise StudyError("search.student_depths needs models.student given as depth/width/heads")
+        if cfg.distill.cache_targets:
+            raise StudyError("search.student_depths and distill.cache_targets do not go together yet: the "
+                             "target cache is planned for one student depth")
+        student_depth = min(cfg.search.student_depths)
     for text in cfg.search.align_layer_sets:
         for i in parse_layer_set(text):
             try:
@@ -138,9 +147,8 @@ def build_tuner(cfg, study: dict, max_concurrent: int, resume_path: str | None):
     trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_fn, study=study), {"CPU": TRIAL_CPU})
     if resume_path is not None:
         return ray.tune.Tuner.restore(resume_path, trainable=trainable, resume_errored=True)
-    objectives = s.objectives or [s.metric]
+    objectives, modes = objective_modes(cfg)
     if len(objectives) > 1:
-        modes = [s.mode if o == s.metric else "min" for o in objectives]
         searcher = OptunaSearch(space=space_for(s), metric=objectives, mode=modes,
                                 sampler=optuna.samplers.NSGAIISampler(seed=s.seed))
         scheduler = FIFOScheduler()  # ASHA stops on one metric; with several, every trial runs to the end
@@ -247,11 +255,53 @@ def trial_rows(grid, cfg, study: str) -> list[dict]:
         best, ran = train_summary(cfg, study, trial)
         status = "ERROR" if r.error else ("COMPLETED" if ran >= cfg.train.epochs else "STOPPED (ASHA)")
         params = r.config or {}
+        extra = [o for o in (cfg.search.objectives or []) if o != metric]
         rows.append({"trial": trial, **{k: params.get(k) for k in (*WEIGHTS, "temperature", "align_layers")},
-                     **({"lr": params["lr"]} if "lr" in params else {}),
-                     metric: None if best is None else float(best[metric]), "epochs": ran, "status": status,
+                     **{k: params[k] for k in ("lr", "student_depth") if k in params},
+                     metric: None if best is None else float(best[metric]),
+                     **{o: None if best is None else best.get(o) for o in extra},
+                     "epochs": ran, "status": status,
                      "error": str(r.error).splitlines()[0][:200] if r.error else None})
     return rows
+
+
+def pareto_front(rows: list[dict], objectives: list[str], modes: list[str]) -> list[dict]:
+    """The rows no other row beats in every objective (and strictly in one)."""
+    def better_or_equal(a, b):
+        return all((a[o] >= b[o]) if m == "max" else (a[o] <= b[o]) for o, m in zip(objectives, modes))
+
+    def strictly(a, b):
+        return any((a[o] > b[o]) if m == "max" else (a[o] < b[o]) for o, m in zip(objectives, modes))
+    done = [r for r in rows if all(r.get(o) is not None for o in objectives)]
+    return [r for r in done if not any(better_or_equal(o, r) and strictly(o, r) for o in done if o is not r)]
+
+
+def objective_modes(cfg) -> tuple[list[str], list[str]]:
+    s = cfg.search
+    objectives = s.objectives or [s.metric]
+    return objectives, [s.mode if o == s.metric else ("max" if o.startswith("val_acc") or o == "val_macro_f1"
+                                                      else "min") for o in objectives]
+
+
+def plot_pareto(rows: list[dict], front: list[dict], objectives: list[str], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y = objectives[1], objectives[0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    done = [r for r in rows if r.get(x) is not None and r.get(y) is not None]
+    ax.scatter([r[x] for r in done], [r[y] for r in done], color="#999999", label="trials")
+    f = sorted(front, key=lambda r: r[x])
+    ax.plot([r[x] for r in f], [r[y] for r in f], "o-", color="#3b75af", label="Pareto front")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def train_summary(cfg, study: str, trial: str) -> tuple[dict | None, int]:
@@ -277,11 +327,18 @@ def finish_study(c, cfg, grid, name: str, parent: str, uri: str, out_dir: Path) 
     best = (max if s.mode == "max" else min)(done, key=lambda r: r[s.metric]) if done else None
     out_dir.mkdir(parents=True, exist_ok=True)
     table = results_table(rows, s.metric)
+    objectives, modes = objective_modes(cfg)
+    front = pareto_front(rows, objectives, modes) if len(objectives) > 1 else []
     (out_dir / "results.md").write_text(table + "\n")
     with tempfile.TemporaryDirectory() as d:
         Path(d, "results.md").write_text(table + "\n")
         Path(d, "results.csv").write_text(_csv(rows))
-        optuna_plots(cfg, rows, d)
+        if len(objectives) > 1:
+            Path(d, "pareto.md").write_text(pareto_table(front, objectives) + "\n")
+            (out_dir / "pareto.md").write_text(pareto_table(front, objectives) + "\n")
+            plot_pareto(rows, front, objectives, str(Path(d, "pareto.png")))
+        else:
+            optuna_plots(cfg, rows, d)
         c.log_artifacts(parent, d)
     student_dir, version = None, None
     if best is not None:
@@ -293,7 +350,7 @@ def finish_study(c, cfg, grid, name: str, parent: str, uri: str, out_dir: Path) 
         student_dir = export_trial_student(cfg, name, best["trial"], out_dir / "best_student")
         c.log_artifacts(parent, str(student_dir), "best_student")
         version = register(c, cfg.tracking.registered_model, parent, name)
-    return StudyOutcome(name, rows, best, student_dir, parent, uri, version)
+    return StudyOutcome(name, rows, best, student_dir, parent, uri, version, front)
 
 
 def export_trial_student(cfg, study: str, trial: str, out: Path) -> Path:
@@ -338,17 +395,29 @@ def register(c, model_name: str, parent: str, study: str) -> str:
     return v.version
 
 
+def pareto_table(front: list[dict], objectives: list[str]) -> str:
+    lines = ["| trial | " + " | ".join(objectives) + " | student depth | alpha | beta | gamma | delta | T | layers |",
+             "|---|" + "---:|" * len(objectives) + "---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(front, key=lambda r: r[objectives[0]], reverse=True):
+        lines.append(f"| {r['trial']} | " + " | ".join(f"{r[o]:.3f}" for o in objectives) +
+                     f" | {r.get('student_depth', '-')} | {r['alpha']:.3g} | {r['beta']:.3g} | {r['gamma']:.3g} | "
+                     f"{r['delta']:.3g} | {r['temperature']:.2f} | {r['align_layers']} |")
+    return "\n".join(lines)
+
+
 def results_table(rows: list[dict], metric: str) -> str:
     has_lr = any("lr" in r for r in rows)
+    has_depth = any("student_depth" in r for r in rows)
     head = ["trial", "alpha", "beta", "gamma", "delta", "T", "layers", *(["lr"] if has_lr else []),
-            f"best {metric}", "epochs", "status"]
+            *(["depth"] if has_depth else []), f"best {metric}", "epochs", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(v, fmt="{:.3g}"):
         return "-" if v is None else fmt.format(v)
     for r in rows:
         cells = [r["trial"], *(f(r[k]) for k in WEIGHTS), f(r["temperature"], "{:.2f}"), str(r["align_layers"]),
-                 *([f(r.get("lr"))] if has_lr else []), f(r[metric], "{:.3f}"), str(r["epochs"]), r["status"]]
+                 *([f(r.get("lr"))] if has_lr else []), *([str(r.get("student_depth", "-"))] if has_depth else []),
+                 f(r[metric], "{:.3f}"), str(r["epochs"]), r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

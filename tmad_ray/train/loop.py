@@ -149,6 +149,25 @@ def all_reduce(values: np.ndarray | list, op=None) -> np.ndarray:
     return t.numpy()
 
 
+@torch.no_grad()
+def student_latency_ms(student, cfg, device, repeats: int = 5) -> float:
+    """Median time of the student's forward on one clip, on the training device (an objective for NSGA-II)."""
+    d = cfg.data
+    x = torch.randn(1, d.num_frames, 3, d.image_size, d.image_size, device=device)
+    student.eval()
+    times = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        student(pixel_values=x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    student.train()
+    return float(np.median(times[1:]) * 1e3)
+
+
 def shard_overlap(seen: list[str], world: int) -> int:
     """How many clips more than one rank trained on in this epoch (0 when the shards partition the data)."""
     if world == 1 or not dist.is_initialized():
@@ -335,12 +354,15 @@ def train_loop_per_worker(config: dict) -> None:
         cm = all_reduce(va["confusion"]).astype(np.int64)
         slowest = float(all_reduce([train_s], op=dist.ReduceOp.MAX if dist.is_initialized() else None)[0])
         shard_sizes = all_reduce(np.eye(world)[rank] * tr["n"]).astype(int).tolist()
-        if epoch == start + 1:  # once per attempt: do the ranks' shares overlap?
+        if epoch == start + 1:  # once per attempt: do the ranks' shares overlap? how fast is the student?
             overlap = shard_overlap(tr["seen"], world)
+            latency = float(all_reduce([student_latency_ms(tri.core.student, cfg, device) if rank == 0 else 0.0])[0])
         n_clips, nll, n_videos = summed[len(keys)], summed[len(keys) + 1], summed[len(keys) + 2]
         m = ev.metrics_from_confusion(cm, labels)
         metrics = {"epoch": epoch, **{f"train_{k}": float(v / max(n_clips, 1)) for k, v in zip(keys, summed)},
                    "lr": scheduler.get_last_lr()[0], "clips_per_s": float(n_clips / max(slowest, 1e-9)),
+                   "student_latency_ms": latency,
+                   "student_params_m": sum(p.numel() for p in tri.core.student.parameters()) / 1e6,
                    "train_clips": int(n_clips), "train_clips_per_rank": shard_sizes, "train_shard_overlap": overlap,
                    "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
                    "val_loss": float(nll / max(n_videos, 1)), "val_videos": int(n_videos),
