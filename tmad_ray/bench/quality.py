@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 
 from tmad_ray.bench import write_result
@@ -62,12 +63,12 @@ def run_quality_bench(cfg, out: str, seeds: list[int], recipe: str = "searched",
     names = variants or list(all_recipes)
     init_ray(cfg)
     manifest, report, _ = prepare_study(cfg)
-    runs = []
+    runs, stamp = [], time.strftime("%Y%m%d-%H%M%S")
     for name in names:
         for seed in seeds:
             run_cfg = apply_params(cfg, all_recipes[name])
             run_cfg.train.seed = seed
-            run_name = f"quality-{cfg.name}-{name}-s{seed}"
+            run_name = f"quality-{cfg.name}-{stamp}-{name}-s{seed}"  # a new run, never a resumed one
             outcome = fit(run_cfg, manifest, report, run_name)
             ev = evaluate_exported(str(outcome.student_dir), cfg.data.root, "test", cfg.data.eval_clips,
                                    cfg.data.eval_crops, cfg.data.label_mode)

@@ -280,8 +280,8 @@ def kill_switch(cfg, rank: int):
 
 def train_loop_per_worker(config: dict) -> None:
     """``config``: ``cfg`` (the experiment as a dict), ``labels``, ``train_clips`` (total train clips),
-    ``val_entries`` and ``val_labels`` (val video id -> cache key, label id), ``log_path`` (rank 0's JSON-lines log), and optionally
-    ``mlflow`` (``{"uri", "run_id"}``: the trial's child run, logged by rank 0), ``targets_key`` and
+    ``val_entries`` and ``val_labels`` (val video id -> cache key, label id), ``log_path`` (rank 0's
+    JSON-lines log), and optionally ``mlflow`` (``{"uri", "run_id"}``: the trial's child run, logged by rank 0), ``targets_key`` and
     ``train_entries`` (the frozen-target cache, when ``distill.cache_targets``)."""
     import ray.data
     import ray.train
@@ -318,7 +318,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
+            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
         tri.core.load_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
