@@ -87,8 +87,7 @@ def test_tracking_uri_from_config_environment_or_default(tmp_path, monkeypatch):
 def test_parent_and_child_runs_are_found_again(tmp_path):
     c = tracking.client(f"sqlite:///{tmp_path}/m.db")
     exp = tracking.experiment_id(c, "e")
-    parent = tracking.open_parent(c, exp, "study-1", resume=False)
-    assert tracking.open_parent(c, exp, "study-1", resume=True) == parent
+    parent = tracking.open_parent(c, exp, "study-1")
     child = tracking.open_child(c, exp, parent, "study-1", "t1", "trial_1")
     c.set_terminated(child, status="FAILED")
     again = tracking.open_child(c, exp, parent, "study-1", "t1", "trial_1")
@@ -102,6 +101,9 @@ def test_parent_and_child_runs_are_found_again(tmp_path):
     names = {a.path for a in c.list_artifacts(child)}
     assert names == {"confusion_matrix.png", "per_class.json"}
     assert [m.step for m in c.get_metric_history(child, "val_accuracy")] == [2]
+    from tmad_ray.search.tuner import register
+
+    assert [register(c, "m", parent, "study-1"), register(c, "m", parent, "study-1")] == [1, 2]
 
 
 def test_results_table_has_a_row_per_trial():

@@ -11,7 +11,7 @@ from tmad_ray.config import config_from_dict
 from tmad_ray.data.synthetic import write_mp4
 from tmad_ray.models.hf import video_config
 from tmad_ray.train import evaluate as ev
-from tmad_ray.train.export import export_student, load_exported, load_student_weights
+from tmad_ray.train.export import export_student, load_exported
 from tmad_ray.train.loop import Shard, augment, cosine_with_warmup
 
 LABELS = ["A", "B1", "B2", "G"]
@@ -91,8 +91,6 @@ def test_shard_holds_what_fits_and_streams_what_does_not():
     for _ in range(2):
         assert sum(len(b["label"]) for b in streamed.batches(4)) == 10
     assert big.passes == 2 and streamed.held is None
-    own = Shard(FakeIterator(10), budget_mb=1, own=lambda v: v in {"v0", "v3"})
-    assert sorted(sum([b["video_id"].tolist() for b in own.batches(3)], [])) == ["v0", "v0", "v3", "v3"]
 
 
 def test_export_loads_in_the_transformers_pipeline_and_in_eval(tmp_path):
@@ -117,12 +115,6 @@ def test_export_loads_in_the_transformers_pipeline_and_in_eval(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=torch.ones(1, 8, 3, 32, 32)).logits,
                                    student.eval()(pixel_values=torch.ones(1, 8, 3, 32, 32)).logits)
-    # the student part of a Trainable state dict loads strictly; a missing key is an error
-    sd = {f"student.{k}": v for k, v in student.state_dict().items()}
-    load_student_weights(model, {**sd, "projectors.teacher.0.weight": torch.zeros(1)})
-    sd.pop("student.classifier.bias")
-    with pytest.raises(RuntimeError, match="classifier.bias"):
-        load_student_weights(model, sd)
 
 
 def test_load_exported_refuses_a_directory_that_is_not_an_export(tmp_path):

@@ -1,6 +1,6 @@
 """MLflow: one parent run per study, one child run per trial, logged by run id with ``MlflowClient``.
 
-The driver opens (or, on ``--resume``, finds again) the parent run; each trial driver opens its
+The driver opens the parent run (``--resume`` reopens it, by the id kept beside Tune's state); each trial driver opens its
 child run (tag ``mlflow.parentRunId``, found again by ``tmad.trial_id`` when a trial restarts);
 rank 0 of the trial's Train workers logs per-epoch metrics and artifacts to that run id. Nothing
 uses the fluent ``mlflow.start_run`` state, which would leave orphan runs in Ray workers.
@@ -47,15 +47,8 @@ def find_runs(c, exp_id: str, **tags) -> list:
     return c.search_runs([exp_id], filter_string=query, max_results=1000)
 
 
-def open_parent(c, exp_id: str, study: str, resume: bool):
-    """The study's parent run: found again when resuming (and set RUNNING), else a new one."""
-    if resume:
-        runs = find_runs(c, exp_id, **{STUDY_TAG: study})
-        parents = [r for r in runs if PARENT_TAG not in r.data.tags]
-        if parents:
-            run_id = parents[0].info.run_id
-            c.update_run(run_id, status="RUNNING")
-            return run_id
+def open_parent(c, exp_id: str, study: str) -> str:
+    """A new parent run for the study (``--resume`` finds it again through the study's state file)."""
     return c.create_run(exp_id, run_name=study, tags={STUDY_TAG: study}).info.run_id
 
 

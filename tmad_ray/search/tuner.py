@@ -85,7 +85,7 @@ class StudyOutcome:
     best_student: Path | None
     parent_run_id: str
     tracking_uri: str
-    model_version: str | None
+    model_version: int | None
     pareto: list[dict] | None = None
 
 
@@ -183,7 +183,7 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
         c.update_run(parent, status="RUNNING")
         log(f"resuming study {name} (MLflow parent run {parent})")
     else:
-        parent = tracking.open_parent(c, exp_id, name, resume=False)
+        parent = tracking.open_parent(c, exp_id, name)
         exp_dir.mkdir(parents=True, exist_ok=True)
         (exp_dir / STATE_FILE).write_text(json.dumps({"name": name, "parent_run_id": parent,
                                                       "experiment_id": exp_id, "tracking_uri": uri}, indent=1))
@@ -381,14 +381,10 @@ def close_trial_runs(c, cfg, study: str, rows: list[dict]) -> None:
             c.set_terminated(run.info.run_id, status="FAILED" if st == "ERROR" else "FINISHED")
 
 
-def register(c, model_name: str, parent: str, study: str) -> str:
+def register(c, model_name: str, parent: str, study: str) -> int:
     """A new version of ``model_name`` in the Model Registry, pointing at the parent run's best student."""
-    from mlflow.exceptions import MlflowException
-
-    try:
+    if not c.search_registered_models(filter_string=f"name = '{model_name}'"):
         c.create_registered_model(model_name)
-    except MlflowException:
-        pass  # it exists: add a version
     run = c.get_run(parent)
     v = c.create_model_version(model_name, source=f"{run.info.artifact_uri}/best_student", run_id=parent,
                                tags={"study": study}, description=f"best student of study {study}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from transformers import VideoMAEForVideoClassification, VideoMAEImageProcessor
 
 from tmad_ray.models.toyzoo import IMAGENET_MEAN, IMAGENET_STD
@@ -50,8 +49,3 @@ def load_exported(path: str | Path) -> tuple[VideoMAEForVideoClassification, dic
     model = VideoMAEForVideoClassification.from_pretrained(p).eval()
     return model, json.loads((p / SAMPLING_FILE).read_text())
 
-
-def load_student_weights(student: torch.nn.Module, trainable_state: dict) -> None:
-    """Load the student's part of a Trainable state dict (``student.*``; projectors are left out), strictly."""
-    sd = {k[len("student."):]: v for k, v in trainable_state.items() if k.startswith("student.")}
-    student.load_state_dict(sd, strict=True)

@@ -75,23 +75,16 @@ def augment(clips: torch.Tensor, size: int, flip: bool, gen: torch.Generator) ->
 
 
 class Shard:
-    """A worker's rows of one dataset: streamed on the first pass, then held in memory if they fit.
+    """A worker's rows of one dataset: streamed on the first pass, then held in memory if they fit."""
 
-    ``own`` filters rows by video id (evaluation splits videos between ranks itself, so that all
-    views of a video meet on one rank).
-    """
-
-    def __init__(self, iterator, budget_mb: int, own=None):
-        self.iterator, self.budget, self.own = iterator, budget_mb * 2**20, own
+    def __init__(self, iterator, budget_mb: int):
+        self.iterator, self.budget = iterator, budget_mb * 2**20
         self.held: dict[str, np.ndarray] | None = None
 
     def _stream(self, batch_size: int):
         for batch in self.iterator.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            ids = np.asarray(batch["video_id"]).astype(str)
-            keep = np.ones(len(ids), bool) if self.own is None else np.array([self.own(v) for v in ids])
-            if keep.any():
-                yield {"clip": clips_from_batch(batch)[keep], "label": np.asarray(batch["label"])[keep],
-                       "video_id": ids[keep], "view": np.asarray(batch["view"])[keep]}
+            yield {"clip": clips_from_batch(batch), "label": np.asarray(batch["label"]),
+                   "video_id": np.asarray(batch["video_id"]).astype(str), "view": np.asarray(batch["view"])}
 
     def batches(self, batch_size: int, shuffle_seed: int | None = None):
         if self.held is not None:
