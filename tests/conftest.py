@@ -15,8 +15,11 @@ from tmad_ray.data.synthetic import make_dataset  # noqa: E402
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
+    # Per module, and in modules whose subprocess tests come first: while two local Rays run on one
+    # machine, Ray Train's placement-group cleaner cannot tell which cluster is its own ("Found
+    # multiple active Ray instances") and a stopped trial's resources are never given back.
     import ray
 
     if not ray.is_initialized():

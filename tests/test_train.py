@@ -1,4 +1,7 @@
-"""Ray Train runs as users start them: 2 CPU workers, a killed worker, the exported student."""
+"""Ray Train runs as users start them: 2 CPU workers, a killed worker, the exported student.
+
+The command-line test (its own Ray, in a subprocess) comes before the tests that share the
+module's Ray: two local Rays at once confuse Ray Train (see ``conftest.ray_local``)."""
 
 import json
 import os
@@ -21,39 +24,6 @@ def prepared(tmp_path, root, zoo, *overrides):
     cfg = smoke_config(tmp_path, root, *zoo, *overrides)
     manifest = load_manifest(cfg.data.root)
     return cfg, manifest, fill_cache(manifest, cfg)
-
-
-def test_each_worker_trains_on_its_own_share(synth_root, smoke_zoo, tmp_path, ray_local):
-    from tmad_ray.train.run import fit
-
-    cfg, manifest, report = prepared(tmp_path, synth_root, smoke_zoo, "train.epochs=1")
-    out = fit(cfg, manifest, report, "share")
-    m = out.result.metrics
-    n_train = len(manifest.rows["train"]) * cfg.data.train_views
-    assert m["train_clips_per_rank"] == [n_train // 2, n_train // 2]   # equal shares: equal step counts
-    assert m["train_shard_overlap"] == 0 and m["train_clips"] == n_train
-    assert m["val_videos"] == len(manifest.rows["val"])                 # every val video, on one rank each
-    assert sum(map(sum, m["val_confusion"])) == len(manifest.rows["val"])
-    assert {"train_ce", "train_feat", "train_attn", "train_asym", "train_kd_teacher", "val_macro_f1",
-            "clips_per_s", "lr"} <= set(m)
-    assert set(m["val_per_class"]) == set(manifest.labels)
-    assert (out.student_dir / "model.safetensors").is_file()
-
-
-def test_a_killed_worker_resumes_from_the_last_checkpoint(synth_root, smoke_zoo, tmp_path, ray_local):
-    from tmad_ray.train.run import fit
-
-    cfg, manifest, report = prepared(tmp_path, synth_root, smoke_zoo, "train.epochs=3", "train.max_failures=2",
-                                     "faults.kill_worker_at=[2,1]", "faults.kill_worker_rank=1")
-    out = fit(cfg, manifest, report, "killed")
-    assert out.result.error is None and out.result.metrics["epoch"] == 3
-    assert list(Path(cfg.storage.output_dir).glob("killed_*")), "the kill switch never fired"
-    events = [json.loads(line) for line in (Path(cfg.storage.output_dir) / "killed" / "train_log.jsonl").open()]
-    starts = [e for e in events if e["event"] == "start"]
-    assert [(s["epoch"], s["resumed"]) for s in starts] == [(0, False), (1, True)]   # restarted after epoch 1
-    epoch_starts = [e["epoch"] for e in events if e["event"] == "epoch_start"]
-    assert epoch_starts == [1, 2, 2, 3]            # epoch 1 was not redone; the interrupted epoch 2 was
-    assert [h["epoch"] for h in epoch_history(Path(cfg.storage.output_dir) / "killed" / "train_log.jsonl")] == [1, 2, 3]
 
 
 def run(*args, cwd=REPO):
@@ -88,6 +58,39 @@ def test_train_command_then_eval_and_pipeline(synth_root, smoke_zoo, tmp_path):
     video = next((synth_root / "videos").glob("*.mp4"))
     pred = clf(str(video), frame_sampling_rate=2)
     assert {p["label"] for p in pred} == {"A", "B1", "B2", "G"}
+
+
+def test_each_worker_trains_on_its_own_share(synth_root, smoke_zoo, tmp_path, ray_local):
+    from tmad_ray.train.run import fit
+
+    cfg, manifest, report = prepared(tmp_path, synth_root, smoke_zoo, "train.epochs=1")
+    out = fit(cfg, manifest, report, "share")
+    m = out.result.metrics
+    n_train = len(manifest.rows["train"]) * cfg.data.train_views
+    assert m["train_clips_per_rank"] == [n_train // 2, n_train // 2]   # equal shares: equal step counts
+    assert m["train_shard_overlap"] == 0 and m["train_clips"] == n_train
+    assert m["val_videos"] == len(manifest.rows["val"])                 # every val video, on one rank each
+    assert sum(map(sum, m["val_confusion"])) == len(manifest.rows["val"])
+    assert {"train_ce", "train_feat", "train_attn", "train_asym", "train_kd_teacher", "val_macro_f1",
+            "clips_per_s", "lr"} <= set(m)
+    assert set(m["val_per_class"]) == set(manifest.labels)
+    assert (out.student_dir / "model.safetensors").is_file()
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(synth_root, smoke_zoo, tmp_path, ray_local):
+    from tmad_ray.train.run import fit
+
+    cfg, manifest, report = prepared(tmp_path, synth_root, smoke_zoo, "train.epochs=3", "train.max_failures=2",
+                                     "faults.kill_worker_at=[2,1]", "faults.kill_worker_rank=1")
+    out = fit(cfg, manifest, report, "killed")
+    assert out.result.error is None and out.result.metrics["epoch"] == 3
+    assert list(Path(cfg.storage.output_dir).glob("killed_*")), "the kill switch never fired"
+    events = [json.loads(line) for line in (Path(cfg.storage.output_dir) / "killed" / "train_log.jsonl").open()]
+    starts = [e for e in events if e["event"] == "start"]
+    assert [(s["epoch"], s["resumed"]) for s in starts] == [(0, False), (1, True)]   # restarted after epoch 1
+    epoch_starts = [e["epoch"] for e in events if e["event"] == "epoch_start"]
+    assert epoch_starts == [1, 2, 2, 3]            # epoch 1 was not redone; the interrupted epoch 2 was
+    assert [h["epoch"] for h in epoch_history(Path(cfg.storage.output_dir) / "killed" / "train_log.jsonl")] == [1, 2, 3]
 
 
 def test_training_reads_the_frozen_target_cache(synth_root, smoke_zoo, tmp_path, ray_local):

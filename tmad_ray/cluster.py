@@ -36,6 +36,9 @@ def init_ray(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0, quiet: b
         except ConnectionError:
             pass
     cores = os.cpu_count() or 1
+    # A small, busy machine can take more than Ray Train's default 60 s to start a worker group
+    # (fresh processes importing torch and transformers); the processes of this Ray inherit this.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     need = cpus_needed(cfg, concurrent_runs, per_run_extra)
     num_cpus = max(cores, int(-(-need // 1)))
     ray.init(address="local", num_cpus=num_cpus)
