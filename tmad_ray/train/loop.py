@@ -67,11 +67,7 @@ def augment(clips: torch.Tensor, size: int, flip: bool, gen: torch.Generator) ->
     ys = torch.randint(0, h - size + 1, (b,), generator=gen).tolist()
     xs = torch.randint(0, w - size + 1, (b,), generator=gen).tolist()
     flips = (torch.rand(b, generator=gen) < 0.5).tolist() if flip else [False] * b
-    out = []
-    for c, y, x, f in zip(clips, ys, xs, flips):
-        c = c[:, y:y + size, x:x + size]
-        out.append(c.flip(2) if f else c)
-    return normalize(torch.stack(out))
+    return crop_flip(clips, list(zip(ys, xs, flips)), size)
 
 
 class Shard:
