@@ -1,5 +1,6 @@
 """The search without running one: space, recipe, concurrency, study names, tracking URI, tables."""
 
+import json
 import os
 import pickle
 
@@ -141,3 +142,17 @@ def test_student_depth_is_searched_only_for_depth_width_heads_students():
         check_layer_sets(load_config(None, ["search.student_depths=[2]", "models.student={size: vit-s}"]), 12)
     with pytest.raises(Exception, match="objectives"):
         load_config(None, ["search.objectives=[val_accuracy,latency]"])
+
+
+def test_study_state_lives_in_local_or_uri_storage(tmp_path):
+    from tmad_ray.search.tuner import Storage
+
+    for root in (str(tmp_path / "local"), f"file://{tmp_path}/uri"):
+        st = Storage(root)
+        st.write_text('{"parent_run_id": "p"}', "default-1", STATE_FILE)
+        assert st.exists("default-1", STATE_FILE) and not st.exists("default-2", STATE_FILE)
+        assert json.loads(st.read_text("default-1", STATE_FILE)) == {"parent_run_id": "p"}
+        assert [n for _, n in st.studies("default-")] == ["default-1"]
+        assert st.uri("default-1", "train") == f"{root}/default-1/train"
+        cfg = load_config(None, [f"storage.ray_results={root}"])
+        assert study_name(cfg, True) == ("default-1", True)

@@ -34,6 +34,49 @@ class StudyError(RuntimeError):
     pass
 
 
+class Storage:
+    """``storage.ray_results``: a local directory or a URI (``s3://...``), as Ray's ``storage_path``."""
+
+    def __init__(self, root: str):
+        import pyarrow.fs as pafs
+
+        self.root = root.rstrip("/")
+        if "://" in root:
+            self.fs, self.base = pafs.FileSystem.from_uri(self.root)
+        else:
+            self.fs, self.base = pafs.LocalFileSystem(), str(Path(root).resolve())
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info("/".join([self.base, *parts])).type == pafs.FileType.File
+
+    def read_text(self, *parts: str) -> str:
+        with self.fs.open_input_stream("/".join([self.base, *parts])) as f:
+            return f.read().decode()
+
+    def write_text(self, text: str, *parts: str) -> None:
+        path = "/".join([self.base, *parts])
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(path) as f:
+            f.write(text.encode())
+
+    def studies(self, prefix: str) -> list[tuple[float, str]]:
+        """(modified time, name) of the studies named ``prefix*`` that have a state file."""
+        import pyarrow.fs as pafs
+
+        found = []
+        for info in self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True)):
+            name = info.path.rstrip("/").rsplit("/", 1)[-1]
+            if info.type == pafs.FileType.Directory and name.startswith(prefix) and self.exists(name, STATE_FILE):
+                state = self.fs.get_file_info("/".join([self.base, name, STATE_FILE]))
+                found.append((state.mtime.timestamp() if state.mtime else 0.0, name))
+        return sorted(found)
+
+
 # ------------------------------------------------------------------------------ the trial (a Tune trainable)
 
 
@@ -123,16 +166,16 @@ def check_layer_sets(cfg, student_depth: int) -> None:
 def study_name(cfg, resume: str | bool | None) -> tuple[str, bool]:
     """A new study gets ``<name>-<time>``; ``--resume`` takes the latest study of this config's name
     (or the one named)."""
-    root = Path(cfg.storage.ray_results)
+    root = Storage(cfg.storage.ray_results)
     if resume:
         if isinstance(resume, str):
-            if not (root / resume / STATE_FILE).is_file():
-                raise StudyError(f"no study {resume!r} under {root} to resume")
+            if not root.exists(resume, STATE_FILE):
+                raise StudyError(f"no study {resume!r} under {root.root} to resume")
             return resume, True
-        found = sorted(root.glob(f"{cfg.name}-*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
+        found = root.studies(f"{cfg.name}-")
         if not found:
-            raise StudyError(f"no study of {cfg.name!r} under {root} to resume; run without --resume to start one")
-        return found[-1].parent.name, True
+            raise StudyError(f"no study of {cfg.name!r} under {root.root} to resume; run without --resume to start one")
+        return found[-1][1], True
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", False
 
 
@@ -171,30 +214,30 @@ def build_tuner(cfg, study: dict, max_concurrent: int, resume_path: str | None):
 def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None = None, log=print) -> StudyOutcome:
     """Search, then export and register the best student; returns the results."""
     name, resuming = study_name(cfg, resume)
-    exp_dir = Path(cfg.storage.ray_results) / name
+    storage = Storage(cfg.storage.ray_results)
+    exp_dir = storage.uri(name)
     out_dir = Path(cfg.storage.output_dir) / name
     uri = tracking.resolve_tracking_uri(cfg.tracking)
     c = tracking.client(uri)
     exp_id = tracking.experiment_id(c, cfg.tracking.experiment)
 
     if resuming:
-        state = json.loads((exp_dir / STATE_FILE).read_text())
+        state = json.loads(storage.read_text(name, STATE_FILE))
         parent = state["parent_run_id"]
         c.update_run(parent, status="RUNNING")
         log(f"resuming study {name} (MLflow parent run {parent})")
     else:
         parent = tracking.open_parent(c, exp_id, name)
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / STATE_FILE).write_text(json.dumps({"name": name, "parent_run_id": parent,
-                                                      "experiment_id": exp_id, "tracking_uri": uri}, indent=1))
+        storage.write_text(json.dumps({"name": name, "parent_run_id": parent, "experiment_id": exp_id,
+                                       "tracking_uri": uri}, indent=1), name, STATE_FILE)
         log_study_start(c, parent, cfg)
     study = {"name": name, "cfg": cfg.model_dump(), "manifest": manifest, "report": report, "tracking_uri": uri,
              "experiment_id": exp_id, "parent_run_id": parent, "trials_dir": str(out_dir / "trials"),
-             "train_storage": str(exp_dir / "train")}
+             "train_storage": storage.uri(name, "train")}
     k = concurrent_trials(cfg, resources)
     log(f"study {name}: {cfg.search.num_samples} trials, up to {k} at a time "
         f"({cfg.train.num_workers} DDP workers each); Ray results in {exp_dir}")
-    tuner = build_tuner(cfg, study, k, str(exp_dir) if resuming else None)
+    tuner = build_tuner(cfg, study, k, exp_dir if resuming else None)
     try:
         grid = tuner.fit()
         outcome = finish_study(c, cfg, grid, name, parent, uri, out_dir)
@@ -308,10 +351,10 @@ def train_summary(cfg, study: str, trial: str) -> tuple[dict | None, int]:
     """(metrics of the best checkpoint, last epoch) of a trial's Train run; (None, 0) if it has none."""
     import ray.train
 
-    train_dir = Path(cfg.storage.ray_results) / study / "train" / trial
-    if not (train_dir / "checkpoint_manager_snapshot.json").is_file():
+    storage = Storage(cfg.storage.ray_results)
+    if not storage.exists(study, "train", trial, "checkpoint_manager_snapshot.json"):
         return None, 0
-    result = ray.train.Result.from_path(str(train_dir))
+    result = ray.train.Result.from_path(storage.uri(study, "train", trial))
     kept = [m for _, m in (result.best_checkpoints or []) if cfg.search.metric in m]
     if not kept:
         return None, 0
@@ -359,8 +402,8 @@ def export_trial_student(cfg, study: str, trial: str, out: Path) -> Path:
 
     from tmad_ray.train.run import export_best
 
-    train_dir = Path(cfg.storage.ray_results) / study / "train" / trial
-    _, student = export_best(ray.train.Result.from_path(str(train_dir)), out)
+    _, student = export_best(ray.train.Result.from_path(Storage(cfg.storage.ray_results).uri(study, "train", trial)),
+                             out)
     return student
 
 
