@@ -155,8 +155,11 @@ def test_ray_job_submit_runs_the_smoke_study_on_a_local_head(synth_root, smoke_z
     check_study(tmp_path, n_trials=2, epochs=2)
 
 
-def test_nsga2_search_over_student_depth_gives_a_pareto_front(synth_root, smoke_zoo, tmp_path, ray_local, capsys):
+def test_nsga2_search_over_student_depth_gives_a_pareto_front(synth_root, smoke_zoo, tmp_path, ray_local, capsys,
+                                                              monkeypatch):
     from tmad_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)  # MLflow puts a new experiment's artifacts under ./mlruns
 
     rc = main(["tune", "--config", str(REPO / "experiments" / "smoke.yaml"),
                *study_overrides(tmp_path, synth_root, smoke_zoo, "search.num_samples=3", "train.epochs=1",

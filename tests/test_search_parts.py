@@ -85,7 +85,8 @@ def test_tracking_uri_from_config_environment_or_default(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri(explicit) == f"sqlite:///{tmp_path}/x.db"
 
 
-def test_parent_and_child_runs_are_found_again(tmp_path):
+def test_parent_and_child_runs_are_found_again(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow puts a new experiment's artifacts under ./mlruns
     c = tracking.client(f"sqlite:///{tmp_path}/m.db")
     exp = tracking.experiment_id(c, "e")
     parent = tracking.open_parent(c, exp, "study-1")
