@@ -1,7 +1,7 @@
 """Connecting to Ray: the cluster a command runs in, or a local one with enough logical CPUs.
 
-Under ``ray job submit`` (``RAY_ADDRESS`` set) or next to a ``ray start`` cluster, a bare
-``ray.init()`` attaches to it. Otherwise a local Ray starts; on a small machine it gets more
+Under ``ray job submit`` (``RAY_ADDRESS`` set) or next to a ``ray start`` cluster, it attaches
+to that cluster. Otherwise a local Ray starts; on a small machine it gets more
 logical CPUs than cores, because training workers each hold a CPU for the whole run and Ray Data
 needs one more to feed them: with exactly as many CPUs as workers, reading the clip cache would
 wait forever for a free CPU.
@@ -10,7 +10,15 @@ wait forever for a free CPU.
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import tempfile
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cpus_needed(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0) -> float:
@@ -29,19 +37,23 @@ def init_ray(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0, quiet: b
     if address and address != "local":
         ray.init()  # the cluster of `ray job submit` (or the one RAY_ADDRESS names)
         return ray.cluster_resources()
-    if not address:
-        try:
-            ray.init(address="auto")  # a `ray start` cluster on this machine
-            return ray.cluster_resources()
-        except ConnectionError:
-            pass
+    if not address and os.path.exists(os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")):
+        # `ray start` wrote this: attach to that cluster (never to another driver's private Ray)
+        ray.init(address="auto")
+        return ray.cluster_resources()
     cores = os.cpu_count() or 1
     # A small, busy machine can take more than Ray Train's default 60 s to start a worker group
     # (fresh processes importing torch and transformers); the processes of this Ray inherit this.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     need = cpus_needed(cfg, concurrent_runs, per_run_extra)
     num_cpus = max(cores, int(-(-need // 1)))
-    ray.init(address="local", num_cpus=num_cpus)
+    # Ray Train's placement-group cleaner finds "its" cluster through the State API, which looks for
+    # any Ray on the machine and gives up when there are two (a second study, a test's Ray): then a
+    # trial that Tune stops keeps its CPUs and the next trial waits forever. Tell it which one.
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port)
     if num_cpus > cores and not quiet:
         print(f"local Ray: {num_cpus} logical CPUs on {cores} cores (a run needs {need - 1:g} for its workers"
               f"{' and driver' if per_run_extra else ''}, the data pipeline 1 more)", file=sys.stderr)
