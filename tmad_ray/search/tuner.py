@@ -102,10 +102,11 @@ def trial_fn(params: dict, study: dict) -> None:
                             storage_path=study["train_storage"])
     # Tune kills the trial as soon as its last epoch is reported (ASHA stops at max_t too), so nothing
     # after fit() is sure to run: the driver exports the best student and closes the runs at the end.
-    result = trainer.fit()
-    if result.error is not None:
+    try:
+        trainer.fit()  # raises when the run fails for good (after FailureConfig's restarts)
+    except Exception:
         tracking.finish(c, run_id, "FAILED")
-        raise result.error
+        raise
 
 
 def fixed_params(cfg) -> dict:
