@@ -10,8 +10,8 @@ import pytest
 from tmad_ray import tracking
 from tmad_ray.config import config_from_dict, load_config
 from tmad_ray.search.space import apply_params, define_space, distributions, space_for
-from tmad_ray.search.tuner import (STATE_FILE, StudyError, check_layer_sets, concurrent_trials, results_table,
-                                   study_name)
+from tmad_ray.search.tuner import (STATE_FILE, StudyError, check_layer_sets, close_trial_runs, concurrent_trials,
+                                   results_table, study_name)
 
 
 def test_define_by_run_space_samples_within_bounds_and_pickles():
@@ -106,6 +106,29 @@ def test_parent_and_child_runs_are_found_again(tmp_path, monkeypatch):
     from tmad_ray.search.tuner import register
 
     assert [register(c, "m", parent, "study-1"), register(c, "m", parent, "study-1")] == [1, 2]
+
+
+def test_child_runs_end_as_tune_says_their_trials_ended(tmp_path, monkeypatch):
+    """A trial killed by Tune mid-update may leave its run RUNNING or even FAILED; the driver's
+    close sets every child from Tune's results, and puts an errored trial's error on its run."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({"tracking": {"experiment": "e"}})
+    c = tracking.client(f"sqlite:///{tmp_path}/m.db")
+    exp = tracking.experiment_id(c, "e")
+    parent = tracking.open_parent(c, exp, "study-1")
+    runs = {t: tracking.open_child(c, exp, parent, "study-1", t, f"trial_{t}") for t in ("a", "b", "c", "d")}
+    c.set_terminated(runs["a"], status="FAILED")  # a racing shutdown got there first
+    other = tracking.open_child(c, exp, parent, "study-2", "a", "trial_a")  # another study's run: untouched
+    rows = [{"trial": "a", "val_accuracy": 0.75, "status": "COMPLETED", "error": None},
+            {"trial": "b", "val_accuracy": 0.5, "status": "STOPPED (ASHA)", "error": None},
+            {"trial": "c", "val_accuracy": None, "status": "ERROR", "error": "RuntimeError: out of memory"}]
+    close_trial_runs(c, cfg, "study-1", rows)
+    status = {t: c.get_run(r).info.status for t, r in runs.items()}
+    assert status == {"a": "FINISHED", "b": "FINISHED", "c": "FAILED", "d": "KILLED"}
+    assert c.get_run(runs["c"]).data.tags["tune_error"] == "RuntimeError: out of memory"
+    assert c.get_run(runs["a"]).data.metrics["best_val_accuracy"] == 0.75
+    assert c.get_run(runs["b"]).data.tags["tune_status"] == "STOPPED (ASHA)"
+    assert c.get_run(other).info.status == "RUNNING"
 
 
 def test_results_table_has_a_row_per_trial():

@@ -99,7 +99,3 @@ def log_epoch(c, run_id: str, metrics: dict, labels: list[str]) -> None:
                  "support": int(sum(metrics["val_confusion"][i]))} for i, lab in enumerate(labels)]
         Path(d, "per_class.json").write_text(json.dumps({"epoch": step, "classes": rows}, indent=1))
         c.log_artifacts(run_id, d)
-
-
-def finish(c, run_id: str, status: str = "FINISHED") -> None:
-    c.set_terminated(run_id, status=status)

@@ -100,13 +100,10 @@ def trial_fn(params: dict, study: dict) -> None:
                             callbacks=[TuneReportCallback()], log_path=str(trial_dir / "train_log.jsonl"),
                             mlflow_run={"uri": study["tracking_uri"], "run_id": run_id},
                             storage_path=study["train_storage"])
-    # Tune kills the trial as soon as its last epoch is reported (ASHA stops at max_t too), so nothing
-    # after fit() is sure to run: the driver exports the best student and closes the runs at the end.
-    try:
-        trainer.fit()  # raises when the run fails for good (after FailureConfig's restarts)
-    except Exception:
-        tracking.finish(c, run_id, "FAILED")
-        raise
+    # Tune kills the trial as soon as its last epoch is reported (ASHA stops at max_t too), and fit()
+    # may raise while the trial's process shuts down, so neither an exception here nor code after fit()
+    # says how the trial ended: the driver closes the child runs from Tune's results at the end.
+    trainer.fit()
 
 
 def fixed_params(cfg) -> dict:
@@ -409,7 +406,9 @@ def export_trial_student(cfg, study: str, trial: str, out: Path) -> Path:
 
 
 def close_trial_runs(c, cfg, study: str, rows: list[dict]) -> None:
-    """No child run is left RUNNING: a trial that ASHA stopped was killed before it could close its run."""
+    """Each child run ends as Tune's results say its trial ended: FAILED (with the error as a tag) for
+    an errored trial, KILLED for one Tune has no result of, FINISHED otherwise. The trial itself cannot be trusted to close its run: Tune
+    kills it the moment it reports its last epoch, so it may die mid-way through any status update."""
     exp_id = tracking.experiment_id(c, cfg.tracking.experiment)
     by_trial = {r["trial"]: r for r in rows}
     for run in tracking.find_runs(c, exp_id, **{tracking.STUDY_TAG: study}):
@@ -421,8 +420,9 @@ def close_trial_runs(c, cfg, study: str, rows: list[dict]) -> None:
         if row.get(cfg.search.metric) is not None:
             c.log_metric(run.info.run_id, f"best_{cfg.search.metric}", row[cfg.search.metric])
         c.set_tag(run.info.run_id, "tune_status", st or "unknown")
-        if run.info.status == "RUNNING":
-            c.set_terminated(run.info.run_id, status="FAILED" if st == "ERROR" else "FINISHED")
+        if row.get("error"):
+            c.set_tag(run.info.run_id, "tune_error", row["error"])
+        c.set_terminated(run.info.run_id, status={"ERROR": "FAILED", "": "KILLED"}.get(st, "FINISHED"))
 
 
 def register(c, model_name: str, parent: str, study: str) -> int:
