@@ -12,7 +12,7 @@ from conftest import smoke_config
 from tmad_ray.data.cache import ClipCache, clips_from_batch, video_key
 from tmad_ray.data.clips import BadVideo, ViewSpec, decode_views
 from tmad_ray.data.manifest import load_manifest
-from tmad_ray.data.pipeline import clip_dataset, fill_cache
+from tmad_ray.data.pipeline import clip_dataset, fill_cache, split_bytes, study_train_dataset
 from tmad_ray.data.sandbox import Sandbox
 from tmad_ray.data.synthetic import make_scene, render_video, write_mp4
 
@@ -142,6 +142,27 @@ def test_clip_dataset_rows_hold_the_decoded_clips_and_labels(synth_root, tmp_pat
     expected = decode_views(os.path.join(manifest.root, str(batch["video_id"][0])),
                             ViewSpec.from_config(cfg.data, "train"))
     np.testing.assert_array_equal(clips[0], expected[int(batch["view"][0])])
+
+
+@pytest.mark.integration
+def test_a_study_holds_its_train_split_in_the_object_store_only_when_it_fits(synth_root, tmp_path, ray_local):
+    cfg = smoke_config(tmp_path, synth_root, "data.train_views=2")
+    manifest = manifest_of(cfg)
+    report = fill_cache(manifest, cfg)
+    size = split_bytes(report, cfg, "train")
+    clip_bytes = 2 * len(manifest.rows["train"]) * 8 * 37 * 37 * 3
+    assert clip_bytes <= size <= 1.2 * clip_bytes  # the clips, plus ids and shapes
+    said = []
+    assert study_train_dataset(manifest, report, cfg, object_store_bytes=3 * size, log=said.append) is None
+    assert "each trial reads it from the clip cache" in said[0]
+    shared = study_train_dataset(manifest, report, cfg, object_store_bytes=4 * size, log=said.append)
+    assert type(shared).__name__ == "MaterializedDataset"
+    assert sorted((r["video_id"], r["view"]) for r in shared.take_all()) == sorted(
+        (r["video_id"], r["view"]) for r in clip_dataset(manifest, report, cfg, "train").take_all())
+    cfg.search.share_train_data = "never"
+    assert study_train_dataset(manifest, report, cfg, object_store_bytes=1e12, log=said.append) is None
+    cfg.search.share_train_data = "always"
+    assert study_train_dataset(manifest, report, cfg, object_store_bytes=1, log=said.append) is not None
 
 
 @pytest.mark.integration

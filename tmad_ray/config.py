@@ -221,6 +221,9 @@ class SearchConfig(_Strict):
     reduction_factor: float = Field(2, gt=1)
     max_concurrent_trials: int | None = Field(None, ge=1)
     controller_failure_limit: int = Field(3, ge=0)
+    # Read the train split into Ray's object store once and share it with every trial ("auto": when it
+    # takes at most 30% of the store), instead of each trial starting its own read of the clip cache.
+    share_train_data: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("alpha", "beta", "gamma", "delta", "temperature", "lr")
     @classmethod

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmad_ray import tracking
+from tmad_ray.data.pipeline import study_train_dataset
 from tmad_ray.search.space import WEIGHTS, apply_params, distributions, space_for
 
 TRIAL_CPU = 1
@@ -99,7 +100,7 @@ def trial_fn(params: dict, study: dict) -> None:
     trainer = build_trainer(cfg, study["manifest"], study["report"], name=trial_id,
                             callbacks=[TuneReportCallback()], log_path=str(trial_dir / "train_log.jsonl"),
                             mlflow_run={"uri": study["tracking_uri"], "run_id": run_id},
-                            storage_path=study["train_storage"])
+                            storage_path=study["train_storage"], train_dataset=study.get("train_dataset"))
     # Tune kills the trial as soon as its last epoch is reported (ASHA stops at max_t too), and fit()
     # may raise while the trial's process shuts down, so neither an exception here nor code after fit()
     # says how the trial ended: the driver closes the child runs from Tune's results at the end.
@@ -232,6 +233,8 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
     study = {"name": name, "cfg": cfg.model_dump(), "manifest": manifest, "report": report, "tracking_uri": uri,
              "experiment_id": exp_id, "parent_run_id": parent, "trials_dir": str(out_dir / "trials"),
              "train_storage": storage.uri(name, "train")}
+    study["train_dataset"] = study_train_dataset(manifest, report, cfg, resources.get("object_store_memory", 0),
+                                                 log=log)
     k = concurrent_trials(cfg, resources)
     log(f"study {name}: {cfg.search.num_samples} trials, up to {k} at a time "
         f"({cfg.train.num_workers} DDP workers each); Ray results in {exp_dir}")

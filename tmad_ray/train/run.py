@@ -25,9 +25,10 @@ def loop_config(cfg, manifest, report, log_path: str | None, mlflow_run: dict | 
 
 
 def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = None, log_path: str | None = None,
-                  mlflow_run: dict | None = None, storage_path: str | None = None):
+                  mlflow_run: dict | None = None, storage_path: str | None = None, train_dataset=None):
     """A ``TorchTrainer`` over the cached train/val clips; a run of the same ``name`` in the same
-    storage resumes from its latest checkpoint (Ray Train V2)."""
+    storage resumes from its latest checkpoint (Ray Train V2). ``train_dataset``: the study's shared
+    (materialized) train split; by default the run reads the clip cache itself."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -51,7 +52,7 @@ def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = Non
                                                          checkpoint_score_attribute="val_accuracy",
                                                          checkpoint_score_order="max")),
         # val is read by each rank straight from the cache (its own videos, all views of a video together)
-        datasets={"train": clip_dataset(manifest, report, cfg, "train")},
+        datasets={"train": train_dataset if train_dataset is not None else clip_dataset(manifest, report, cfg, "train")},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
