@@ -43,7 +43,7 @@ def test_augment_crops_flips_and_normalizes():
     out = augment(clips, 8, flip=True, gen=g)
     assert out.shape == (6, 4, 3, 8, 8) and out.dtype == torch.float32
     # every output is some 8x8 window of its clip, possibly mirrored
-    from tmad_ray.models.toyzoo import normalize
+    from tmad_ray.data.normalize import normalize
     for c, o in zip(clips, out):
         windows = [normalize(c[None, :, y:y + 8, x:x + 8])[0] for y in range(3) for x in range(3)]
         assert any(torch.allclose(o, w) or torch.allclose(o, w.flip(-1)) for w in windows)
@@ -106,7 +106,7 @@ def test_export_loads_in_the_transformers_pipeline_and_in_eval(tmp_path):
     assert {p["label"] for p in pred} == set(LABELS) and sum(p["score"] for p in pred) == pytest.approx(1, abs=1e-4)
     assert list(clf.image_processor.image_mean) == [0.485, 0.456, 0.406]  # ImageNet, not the 0.5 default
     # the exported processor turns frames into what training fed the student (our normalize)
-    from tmad_ray.models.toyzoo import normalize
+    from tmad_ray.data.normalize import normalize
     frames = np.random.default_rng(1).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
     pixels = clf.image_processor(list(frames), return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(pixels, normalize(frames[None]), atol=2e-2, rtol=0)

@@ -32,7 +32,7 @@ def reference_trial(cfg, manifest, params: dict, log=print) -> dict:
     from tmad_ray.data.clips import BadVideo, ViewSpec, decode_views
     from tmad_ray.distill.trimodel import TriModel
     from tmad_ray.models.hf import build_student, load_assistant, load_teacher
-    from tmad_ray.models.toyzoo import normalize
+    from tmad_ray.data.normalize import normalize
     from tmad_ray.search.space import apply_params
     from tmad_ray.train import evaluate as ev
     from tmad_ray.train.loop import augment, cosine_with_warmup

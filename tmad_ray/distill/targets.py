@@ -27,7 +27,7 @@ import torch
 from tmad_ray.data.cache import ClipCache
 from tmad_ray.distill import losses
 from tmad_ray.distill.trimodel import capture, map_layer, resolve_layer, same_labels, token_grid
-from tmad_ray.models.toyzoo import normalize
+from tmad_ray.data.normalize import normalize
 
 AUG_VERSION = 1
 

@@ -27,23 +27,14 @@ import torch.nn.functional as F
 
 from tmad_ray.data.clips import ViewSpec, crop_offsets, decode_views, resize_frames, sample_train_indices
 from tmad_ray.data.manifest import load_manifest
+from tmad_ray.data.normalize import normalize
 from tmad_ray.data.synthetic import CLASSES, make_scene, render_video
 from tmad_ray.models.hf import video_config
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DIRECTIONS = ["down", "left", "right", "up"]
 TEACHER_ARCH = dict(depth=4, width=128, heads=4)
 ASSISTANT_ARCH = dict(depth=4, width=96, heads=3)
 SEED_OFFSET = 10_000  # generated training clips never share seeds with the dataset's videos
-
-
-def normalize(clips: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B,T,H,W,3]`` -> float ``[B,T,3,H,W]`` with ImageNet mean/std (VideoMAE / AMD convention)."""
-    x = torch.as_tensor(clips).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 1, 1, 1, 3)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 1, 1, 1, 3)
-    return ((x - mean) / std).permute(0, 1, 4, 2, 3).contiguous()
 
 
 # ------------------------------------------------------------------------ training clips

@@ -87,7 +87,7 @@ def evaluate_exported(model_dir: str, root: str, split: str = "test", clips: int
     over clips × crops per video). Writes ``confusion.png`` and returns the metrics."""
     from tmad_ray.data.clips import BadVideo, ViewSpec, decode_views
     from tmad_ray.data.manifest import load_manifest
-    from tmad_ray.models.toyzoo import normalize
+    from tmad_ray.data.normalize import normalize
     from tmad_ray.train.export import load_exported
 
     model, s = load_exported(model_dir)

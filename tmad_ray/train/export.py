@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import VideoMAEForVideoClassification, VideoMAEImageProcessor
 
-from tmad_ray.models.toyzoo import IMAGENET_MEAN, IMAGENET_STD
+from tmad_ray.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 SAMPLING_FILE = "tmad_ray.json"
 

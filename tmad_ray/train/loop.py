@@ -23,9 +23,8 @@ import torch.distributed as dist
 from tmad_ray.data.cache import clips_from_batch
 from tmad_ray.distill.targets import TargetCache, TargetReader, crop_flip
 from tmad_ray.distill.trimodel import TriModel
-from tmad_ray.models.toyzoo import normalize
+from tmad_ray.data.normalize import normalize
 from tmad_ray.train import evaluate as ev
-from tmad_ray.train.export import export_student
 
 STATE_FILE = "state.pt"
 STUDENT_DIR = "student"
@@ -187,7 +186,7 @@ def train_epoch(tri: TriModel, shard: Shard, optimizer, scheduler, cfg, device, 
         else:  # one of the K augmentations whose frozen targets are cached
             params, query, cached = targets.batch(batch["video_id"], batch["view"], gen, device)
             x = crop_flip(clips, params, cfg.data.image_size)
-        y = torch.as_tensor(batch["label"]).to(device)
+        y = torch.tensor(batch["label"], device=device)  # a copy: Arrow's buffers are read-only
         sync = step % t.grad_accum == 0
         no_sync = getattr(tri.trainable, "no_sync", None)
         with (no_sync() if (not sync and no_sync) else contextlib.nullcontext()), autocast():
@@ -236,6 +235,10 @@ def evaluate_shard(student, shard: Shard, labels: list[str], device, batch_size:
 def save_checkpoint(tri: TriModel, optimizer, scheduler, epoch: int, cfg, labels, metrics: dict, directory: str) -> None:
     """``state.pt`` (trainable = student + projectors, optimizer, scheduler, epoch, config) and the
     student as a transformers directory (``student/``), loadable as it is."""
+    # Imported here, not at the top: Tune trials and Train controllers import this module too, and
+    # transformers would add seconds to every trial's start for code only the workers run.
+    from tmad_ray.train.export import export_student
+
     torch.save({"trainable": tri.core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "config": cfg.model_dump(), "labels": labels,
                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
