@@ -232,8 +232,13 @@ def study_train_dataset(manifest: Manifest, report: CacheReport, cfg, object_sto
             log(f"train data {size / 2**20:.0f} MB > {SHARE_OF_OBJECT_STORE:.0%} of the object store "
                 f"({object_store_bytes / 2**20:.0f} MB): each trial reads it from the clip cache")
         return None
+    import ray.data
+
+    # The dataset keeps the context it is made in, and the trials' splits would draw progress bars
+    # into the driver's output under Tune's table.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.perf_counter()
     ds = clip_dataset(manifest, report, cfg, "train").materialize()
-    log(f"train data {size / 2**20:.0f} MB held in the object store for every trial "
+    log(f"train data {size / 2**20:.1f} MB held in the object store for every trial "
         f"({time.perf_counter() - t0:.1f} s)")
     return ds
