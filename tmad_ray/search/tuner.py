@@ -409,9 +409,10 @@ def export_trial_student(cfg, study: str, trial: str, out: Path) -> Path:
 
 
 def close_trial_runs(c, cfg, study: str, rows: list[dict]) -> None:
-    """Each child run ends as Tune's results say its trial ended: FAILED (with the error as a tag) for
-    an errored trial, KILLED for one Tune has no result of, FINISHED otherwise. The trial itself cannot be trusted to close its run: Tune
-    kills it the moment it reports its last epoch, so it may die mid-way through any status update."""
+    """Each child run ends as Tune's results say its trial ended: FAILED (with the error as a tag)
+    for an errored trial, KILLED for one Tune has no result of, FINISHED otherwise. The trial itself
+    cannot be trusted to close its run: Tune kills it the moment it reports its last epoch, so it
+    may die mid-way through any status update."""
     exp_id = tracking.experiment_id(c, cfg.tracking.experiment)
     by_trial = {r["trial"]: r for r in rows}
     for run in tracking.find_runs(c, exp_id, **{tracking.STUDY_TAG: study}):

@@ -52,7 +52,7 @@ def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = Non
                                                          checkpoint_score_attribute="val_accuracy",
                                                          checkpoint_score_order="max")),
         # val is read by each rank straight from the cache (its own videos, all views of a video together)
-        datasets={"train": train_dataset if train_dataset is not None else clip_dataset(manifest, report, cfg, "train")},
+        datasets={"train": clip_dataset(manifest, report, cfg, "train") if train_dataset is None else train_dataset},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
