@@ -28,7 +28,7 @@ test-fast: venv
 bench: venv
 	$(BIN)/tmad-ray bench data --config experiments/xd_violence.yaml --out bench/data.json
 	$(BIN)/tmad-ray bench step --config experiments/default.yaml --out bench/step.json
-	$(BIN)/tmad-ray bench search --trials 2 --epochs 8 --out bench/search.json
+	$(BIN)/tmad-ray bench search --config experiments/default.yaml --out bench/search.json  # ~22 min here
 
 # Needs a finished study of the embedded default (`make demo`): its best recipe is what is compared.
 bench-quality: venv

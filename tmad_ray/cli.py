@@ -305,7 +305,7 @@ def cmd_bench_search(args) -> int:
     from tmad_ray.bench.search import run_search_bench
 
     cfg = load_config(args.config, args.overrides)
-    run_search_bench(cfg, out=args.out, trials=args.trials, epochs=args.epochs)
+    run_search_bench(cfg, out=args.out, trials=args.trials or cfg.search.num_samples, epochs=args.epochs)
     return 0
 
 
@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_bench_step)
     p = bench.add_parser("search", help="trials/hour of the system vs the reference framework's way, same trials")
     p.add_argument("--out", default="bench/search.json")
-    p.add_argument("--trials", type=int, default=2)
+    p.add_argument("--trials", type=int, default=None, help="trials (default: the config's search.num_samples)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the config's)")
     _config_args(p)
     p.set_defaults(fn=cmd_bench_search)

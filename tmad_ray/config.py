@@ -180,7 +180,7 @@ class TrainConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1)  # clips per worker per step: the global batch is this × num_workers
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)

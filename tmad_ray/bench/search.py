@@ -8,7 +8,8 @@ Same machine, same config, same trials (the recipes the system's own study sampl
   (``distill.cache_targets``; its one-time build counts too);
 * **reference**: one process per trial, every clip decoded when a step needs it, teacher,
   assistant and student in fp32 with eager attention and ``output_attentions=True`` in every
-  block, no clip cache: the way the reference framework trains.
+  block, no clip cache: the way the reference framework trains; with the system's global batch
+  (``train.batch_size`` × ``train.num_workers``), so both make the same optimizer steps.
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ def reference_trial(cfg, manifest, params: dict, log=print) -> dict:
     tri = TriModel(student, teacher, assistant, run_cfg.distill, labels)
     opt = torch.optim.AdamW(tri.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     items = [(r, v) for r in manifest.rows["train"] for v in range(d.train_views)]
-    steps = -(-len(items) // t.batch_size) * t.epochs
+    # train.batch_size is per worker: one process takes the system's global batch, so that both
+    # make the same optimizer steps on the same number of clips (same recipe, same training).
+    batch = t.batch_size * t.num_workers
+    steps = -(-len(items) // batch) * t.epochs
     sched = cosine_with_warmup(opt, int(t.warmup_ratio * steps), steps)
     spec = dataclasses.replace(ViewSpec.from_config(d, "train"), train_views=1)
     eval_spec = ViewSpec.from_config(d, "eval")
@@ -59,9 +63,9 @@ def reference_trial(cfg, manifest, params: dict, log=print) -> dict:
     for epoch in range(1, t.epochs + 1):
         tri.train()
         rng.shuffle(items)
-        for i in range(0, len(items), t.batch_size):
+        for i in range(0, len(items), batch):
             clips, ys = [], []
-            for row, v in items[i:i + t.batch_size]:
+            for row, v in items[i:i + batch]:
                 try:  # decoded when the step needs it, as the reference framework does
                     clips.append(decode_views(row.abspath(manifest.root), dataclasses.replace(spec, seed=spec.seed + v))[0])
                 except BadVideo:
