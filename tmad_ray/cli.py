@@ -305,7 +305,7 @@ def cmd_bench_search(args) -> int:
     from tmad_ray.bench.search import run_search_bench
 
     cfg = load_config(args.config, args.overrides)
-    run_search_bench(cfg, out=args.out, trials=args.trials or cfg.search.num_samples, epochs=args.epochs)
+    run_search_bench(cfg, out=args.out, trials=args.trials, epochs=args.epochs)
     return 0
 
 

@@ -93,7 +93,7 @@ def reference_trial(cfg, manifest, params: dict, log=print) -> dict:
     return {"best_val_accuracy": best, "seconds": seconds}
 
 
-def run_search_bench(cfg, out: str, trials: int = 2, epochs: int | None = None, log=print) -> dict:
+def run_search_bench(cfg, out: str, trials: int | None = None, epochs: int | None = None, log=print) -> dict:
     import ray
 
     from tmad_ray.cli import prepare_study
@@ -103,6 +103,7 @@ def run_search_bench(cfg, out: str, trials: int = 2, epochs: int | None = None, 
     cfg = cfg.model_copy(deep=True)
     if epochs:
         cfg.train.epochs = epochs
+    trials = trials or cfg.search.num_samples  # by default the config's own study
     cfg.search.num_samples = trials
     cfg.search.grace_period = cfg.train.epochs  # every trial runs all its epochs, in both systems
     work = Path(tempfile.mkdtemp(prefix="bench_search_", dir=Path(cfg.storage.output_dir).parent
