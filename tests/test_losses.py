@@ -135,18 +135,70 @@ def test_pool_grid_and_relations_against_loops():
         losses.pool_grid(tokens[:, :10], (4, 4, 4), 2, 2)
 
 
+def naive_soft_kd(zt, zs, temperature, scale=1.0):
+    """T²·mean over rows of KL(σ(scale·z_t/T) ‖ σ(scale·z_s/T)), by hand."""
+    total = 0.0
+    for a, b in zip(zt.tolist(), zs.tolist()):
+        p = softmax_list([scale * v for v in a], temperature)
+        q = softmax_list([scale * v for v in b], temperature)
+        total += sum(x * math.log(x / y) for x, y in zip(p, q))
+    return temperature ** 2 * total / len(zt)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
 def test_relation_kd_and_logit_kd_by_hand_with_the_t_squared_factor(temperature):
     rt = torch.tensor([[0.9, 0.1, -0.3], [0.2, 0.5, 0.4]])
     rs = torch.tensor([[0.1, 0.7, 0.0], [0.3, -0.2, 0.6]])
-    want = 0.0
-    for a, b in zip(rt.tolist(), rs.tolist()):
-        p, q = softmax_list(a, temperature), softmax_list(b, temperature)
-        want += sum(x * math.log(x / y) for x, y in zip(p, q))
-    want = temperature ** 2 * want / 2
-    assert losses.relation_kd(rt, rs, temperature).item() == pytest.approx(want, rel=1e-5)
-    assert losses.logit_kd(rt, rs, temperature).item() == pytest.approx(want, rel=1e-5)
+    # relations (cosines) are sharpened by 1/τ_r = 10 before the temperature; logits are not
+    want_rel = naive_soft_kd(rt, rs, temperature, scale=1 / 0.1)
+    assert losses.RELATION_TAU == 0.1
+    assert losses.relation_kd(rt, rs, temperature).item() == pytest.approx(want_rel, rel=1e-5)
+    assert losses.logit_kd(rt, rs, temperature).item() == pytest.approx(naive_soft_kd(rt, rs, temperature), rel=1e-5)
     assert losses.relation_kd(rt, rt, temperature).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_the_temperature_changes_the_relational_term_and_its_gradient():
+    """Over the search's range of T (1..8) the relational term and its gradient move by 2x or more
+    (with cosines divided by T alone they moved by 10%: T was a dead dimension of the search)."""
+    g = torch.Generator().manual_seed(6)
+    teacher_grid = torch.randn(4, 2, 4, 4, 32, generator=g)
+    student_grid = torch.randn(4, 2, 4, 4, 32, generator=g)
+    values, grads = {}, {}
+    for t in (1.0, 2.0, 4.0, 8.0):
+        s = student_grid.clone().requires_grad_(True)
+        v = losses.relation_kd(losses.spatial_relations(teacher_grid), losses.spatial_relations(s), t)
+        v.backward()
+        values[t], grads[t] = v.item(), s.grad.norm().item()
+    ratio = lambda d: max(d.values()) / min(d.values())  # noqa: E731
+    assert ratio(values) >= 2 and ratio(grads) >= 2, (values, grads)
+    # the same features without τ_r: the old, nearly T-free term
+    flat = {t: naive_soft_kd(losses.spatial_relations(teacher_grid).reshape(-1, 16),
+                             losses.spatial_relations(student_grid).reshape(-1, 16), t) for t in (1.0, 8.0)}
+    assert max(flat.values()) / min(flat.values()) < 1.5
+
+
+def test_maps_and_relations_stay_fp32_under_bf16_autocast():
+    """Training on GPUs runs under bf16 autocast; the distillation terms must not (autocast overrides
+    .float() for matmuls: attention maps then moved by up to 17%)."""
+    torch.set_default_dtype(torch.float32)
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(2, 96, 48, generator=g) * 3, torch.randn(2, 96, 48, generator=g) * 3
+    tokens = torch.randn(2, 4 * 4 * 4, 48, generator=g)
+    ref_map = losses.attention_map(q, k, 4)
+    ref_grid = losses.pool_grid(tokens, (4, 4, 4), 4, 4)
+    ref_sp, ref_tm = losses.spatial_relations(ref_grid), losses.temporal_relations(ref_grid)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_map = losses.attention_map(q, k, 4)
+        got_grid = losses.pool_grid(tokens, (4, 4, 4), 4, 4)
+        got_sp, got_tm = losses.spatial_relations(got_grid), losses.temporal_relations(got_grid)
+        kd = losses.relation_kd(got_sp, got_sp.flip(-1), 2.0)
+        # what a plain matmul does there: the control that shows autocast is on
+        raw = (q @ k.transpose(-1, -2)).softmax(-1)
+    assert raw.dtype == torch.bfloat16
+    for got, ref in ((got_map, ref_map), (got_sp, ref_sp), (got_tm, ref_tm)):
+        assert got.dtype == torch.float32
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-3
+    assert kd.dtype == torch.float32
 
 
 def test_t_squared_keeps_the_gradient_scale_of_soft_targets():

@@ -5,19 +5,44 @@ C classes, H heads, T' × S × S the pooled grid of the relational term.
 
 Every KL here is ``KL(target ‖ student)``: summed over the distribution axis, averaged over every
 other axis (batch, query rows, relation rows), so its scale does not depend on the batch or the grid.
+
+Everything here computes in fp32, also inside a bf16 ``torch.autocast`` region (training on GPUs):
+autocast would otherwise run the matmuls of attention maps and relation matrices in bf16 whatever
+their inputs are (``.float()`` does not stop it), and bf16's 8-bit mantissa moves a softmax over
+hundreds of tokens by percents.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.nn.functional as F
 
+# Relation "logits" are cosines in [-1, 1]: divided by T alone, their softmax is nearly flat for any
+# T >= 1 and T has no effect. Scaled by 1/τ_r first (as in contrastive and relational distillation),
+# they span [-10, 10], and T decides how peaked the relations are.
+RELATION_TAU = 0.1
 
+
+def fp32(fn):
+    """Run ``fn`` with autocast off (CPU, and CUDA where there is one); ``fn`` casts its inputs to fp32."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), \
+                (torch.autocast("cuda", enabled=False) if torch.cuda.is_available() else contextlib.nullcontext()):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@fp32
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of ``logits [B,C]`` against ``labels [B]`` (int64)."""
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
+@fp32
 def kl_rows(target_probs: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     """``KL(p ‖ q)`` over the last axis, averaged over all others; ``0·log 0`` counts as 0."""
     p = target_probs.float()
@@ -25,6 +50,7 @@ def kl_rows(target_probs: torch.Tensor, student_logp: torch.Tensor) -> torch.Ten
     return (p * (log_p - student_logp.float())).sum(-1).mean()
 
 
+@fp32
 def feature_loss(student_proj: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
     """Mean over aligned layers of ``MSE(P(h_s), LN(h_x))``.
 
@@ -38,6 +64,7 @@ def feature_loss(student_proj: list[torch.Tensor], targets: list[torch.Tensor]) 
     return torch.stack(terms).mean()
 
 
+@fp32
 def attention_map(q: torch.Tensor, k: torch.Tensor, heads: int, query_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Head-averaged attention probabilities from a layer's query and key projections.
 
@@ -56,6 +83,7 @@ def attention_map(q: torch.Tensor, k: torch.Tensor, heads: int, query_idx: torch
     return scores.softmax(-1).mean(1)
 
 
+@fp32
 def attention_loss(student_maps: list[torch.Tensor], target_maps: list[torch.Tensor]) -> torch.Tensor:
     """Mean over aligned layers of ``KL(A_x ‖ A_s)``, each ``[B,Nq,N]`` (rows are distributions)."""
     if len(student_maps) != len(target_maps) or not target_maps:
@@ -64,6 +92,7 @@ def attention_loss(student_maps: list[torch.Tensor], target_maps: list[torch.Ten
     return torch.stack(terms).mean()
 
 
+@fp32
 def pool_grid(tokens: torch.Tensor, grid: tuple[int, int, int], time: int, space: int) -> torch.Tensor:
     """Average-pool tokens ``[B, T·H·W, D]`` (time-major, as VideoMAE orders them) to ``[B, time, space, space, D]``."""
     b, n, d = tokens.shape
@@ -75,31 +104,44 @@ def pool_grid(tokens: torch.Tensor, grid: tuple[int, int, int], time: int, space
     return x.permute(0, 2, 3, 4, 1)
 
 
+@fp32
 def spatial_relations(grid: torch.Tensor) -> torch.Tensor:
     """Per time step, cosine similarity between spatial cells: ``[B,T',S,S,D] -> [B,T',S²,S²]``."""
     b, t, s1, s2, d = grid.shape
-    x = F.normalize(grid.reshape(b, t, s1 * s2, d), dim=-1)
+    x = F.normalize(grid.float().reshape(b, t, s1 * s2, d), dim=-1)
     return x @ x.transpose(-1, -2)
 
 
+@fp32
 def temporal_relations(grid: torch.Tensor) -> torch.Tensor:
     """Per spatial cell, cosine similarity between time steps: ``[B,T',S,S,D] -> [B,S²,T',T']``."""
     b, t, s1, s2, d = grid.shape
-    x = F.normalize(grid.reshape(b, t, s1 * s2, d).transpose(1, 2), dim=-1)
+    x = F.normalize(grid.float().reshape(b, t, s1 * s2, d).transpose(1, 2), dim=-1)
     return x @ x.transpose(-1, -2)
 
 
-def relation_kd(r_target: torch.Tensor, r_student: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T²·KL(σ(R_x/T) ‖ σ(R_s/T))`` with a row-wise softmax σ; relation matrices ``[..., M, M]``."""
-    return temperature ** 2 * kl_rows((r_target.float() / temperature).softmax(-1),
-                                      (r_student.float() / temperature).log_softmax(-1))
+@fp32
+def relation_kd(r_target: torch.Tensor, r_student: torch.Tensor, temperature: float,
+                tau: float = RELATION_TAU) -> torch.Tensor:
+    """``T²·KL(σ(R_x/(τ_r·T)) ‖ σ(R_s/(τ_r·T)))`` with a row-wise softmax σ; cosine relation matrices
+    ``[..., M, M]``; τ_r fixed (``RELATION_TAU``), T the searched temperature."""
+    return soft_kd(r_target / tau, r_student / tau, temperature)
 
 
+@fp32
+def soft_kd(z_target: torch.Tensor, z_student: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T²·KL(σ(z_x/T) ‖ σ(z_s/T))`` over the last axis (the T² keeps gradients comparable across T)."""
+    return temperature ** 2 * kl_rows((z_target.float() / temperature).softmax(-1),
+                                      (z_student.float() / temperature).log_softmax(-1))
+
+
+@fp32
 def logit_kd(z_target: torch.Tensor, z_student: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton KD: ``T²·KL(σ(z_x/T) ‖ σ(z_s/T))`` over classes, logits ``[B,C]``."""
-    return relation_kd(z_target, z_student, temperature)
+    return soft_kd(z_target, z_student, temperature)
 
 
+@fp32
 def distill_losses(student: dict, frozen: dict[str, dict], labels: torch.Tensor, *, alpha: float, beta: float,
                    gamma: float, delta: float, temperature: float, weights: dict[str, float],
                    label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
