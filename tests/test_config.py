@@ -50,12 +50,20 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("search.align_layer_sets=['-1,x']", "search.align_layer_sets", "comma-separated integers"),
     ("distill.align_layers=[0]", "distill.align_layers", "1-based"),
     ("data.train_short_side=16", "data", "train_short_side"),
+    # relational term (δ > 0) on a grid of one cell: it would be exactly 0 whatever the student does
+    ("distill.asym_space=1", "<root>", "distill.asym_space >= 2"),
+    ("distill.asym_time=1", "<root>", "distill.asym_time >= 2"),
+    ("data.num_frames=2", "<root>", "1 time step"),
 ])
 def test_bad_values_fail_naming_the_key(override, key, words):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     msg = str(e.value)
     assert f"  {key}" in msg and words in msg, msg
+
+
+def test_a_one_cell_relation_grid_is_fine_when_the_relational_term_is_off():
+    load_config(None, ["distill.asym_space=1", "distill.delta=0"])
 
 
 def test_errors_list_every_bad_key_at_once():

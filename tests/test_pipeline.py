@@ -12,7 +12,7 @@ from conftest import smoke_config
 from tmad_ray.data.cache import ClipCache, clips_from_batch, video_key
 from tmad_ray.data.clips import BadVideo, ViewSpec, decode_views
 from tmad_ray.data.manifest import load_manifest
-from tmad_ray.data.pipeline import clip_dataset, fill_cache, split_bytes, study_train_dataset
+from tmad_ray.data.pipeline import clip_dataset, fill_cache
 from tmad_ray.data.sandbox import Sandbox
 from tmad_ray.data.synthetic import make_scene, render_video, write_mp4
 
@@ -145,24 +145,24 @@ def test_clip_dataset_rows_hold_the_decoded_clips_and_labels(synth_root, tmp_pat
 
 
 @pytest.mark.integration
-def test_a_study_holds_its_train_split_in_the_object_store_only_when_it_fits(synth_root, tmp_path, ray_local):
+def test_the_training_loader_reads_the_decoded_clips(synth_root, tmp_path, ray_local):
+    from tmad_ray.data.loader import TrainShard
+    from tmad_ray.train.loop import train_clip_bytes
+
     cfg = smoke_config(tmp_path, synth_root, "data.train_views=2")
     manifest = manifest_of(cfg)
     report = fill_cache(manifest, cfg)
-    size = split_bytes(report, cfg, "train")
-    clip_bytes = 2 * len(manifest.rows["train"]) * 8 * 37 * 37 * 3
-    assert clip_bytes <= size <= 1.2 * clip_bytes  # the clips, plus ids and shapes
-    said = []
-    assert study_train_dataset(manifest, report, cfg, object_store_bytes=3 * size, log=said.append) is None
-    assert "each trial reads it from the clip cache" in said[0]
-    shared = study_train_dataset(manifest, report, cfg, object_store_bytes=4 * size, log=said.append)
-    assert type(shared).__name__ == "MaterializedDataset"
-    assert sorted((r["video_id"], r["view"]) for r in shared.take_all()) == sorted(
-        (r["video_id"], r["view"]) for r in clip_dataset(manifest, report, cfg, "train").take_all())
-    cfg.search.share_train_data = "never"
-    assert study_train_dataset(manifest, report, cfg, object_store_bytes=1e12, log=said.append) is None
-    cfg.search.share_train_data = "always"
-    assert study_train_dataset(manifest, report, cfg, object_store_bytes=1, log=said.append) is not None
+    labels = {row.path: manifest.label2id[row.label] for row in manifest.rows["train"]}
+    shard = TrainShard(cfg.storage.clip_cache, report.entries["train"], labels, rank=0, world=1, seed=0, views=2,
+                       clip_bytes=train_clip_bytes(cfg), batch_size=4, hold_mb=0, window_clips=8)
+    batches = list(shard.batches(1))
+    assert sum(len(b["label"]) for b in batches) == 2 * len(manifest.rows["train"])
+    b = batches[0]
+    assert b["clip"].shape == (4, 8, 37, 37, 3) and b["clip"].dtype == np.uint8
+    assert train_clip_bytes(cfg) == b["clip"][0].nbytes
+    assert all(int(y) == labels[v] for y, v in zip(b["label"], b["video_id"]))
+    expected = decode_views(os.path.join(manifest.root, str(b["video_id"][0])), ViewSpec.from_config(cfg.data, "train"))
+    np.testing.assert_array_equal(b["clip"][0], expected[int(b["view"][0])])
 
 
 @pytest.mark.integration

@@ -9,8 +9,8 @@ import torch
 from test_trimodel import LABELS, models
 from tmad_ray.config import config_from_dict
 from tmad_ray.data.cache import ClipCache
-from tmad_ray.distill.targets import (TargetCache, TargetReader, aug_params, build_target_cache, crop_flip,
-                                      plan)
+from tmad_ray.distill.targets import (TargetCache, TargetCacheError, TargetReader, aug_params, build_target_cache,
+                                      crop_flip, plan)
 from tmad_ray.distill.trimodel import TriModel
 
 
@@ -30,22 +30,61 @@ def setup(tmp_path, **distill):
     return cfg, SimpleNamespace(entries={"train": entries}), cache
 
 
-@pytest.mark.parametrize("layers", [[-1], [-1, -2]])
-def test_cached_targets_give_the_live_losses(tmp_path, layers):
-    cfg, report, cache = setup(tmp_path)
+def sharp_models():
+    """The test models with their frozen models' attention sharpened: random-init attention is almost
+    uniform (every map ~1/N), and near-uniform maps would let wrong maps pass any comparison."""
     student, teacher, assistant = models()
-    stats = build_target_cache(cfg, report, {"teacher": teacher, "assistant": assistant}, 2, LABELS, log=lambda *a: None)
+    with torch.no_grad():
+        for m in (teacher, assistant):
+            for block in m.videomae.encoder.layer:
+                block.attention.attention.query.weight.mul_(6.0)
+                block.attention.attention.key.weight.mul_(6.0)
+    return student, teacher, assistant
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference relative to the largest value (fp16 storage keeps this near 1e-3)."""
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("layers", [[-1], [-1, -2]])
+def test_cached_targets_equal_the_live_ones(tmp_path, layers):
+    cfg, report, cache = setup(tmp_path)
+    student, teacher, assistant = sharp_models()
+    frozen = {"teacher": teacher, "assistant": assistant}
+    stats = build_target_cache(cfg, report, frozen, 2, LABELS, log=lambda *a: None)
     assert stats["computed"] == 3 and stats["views"] == 3 * 2 * 2 and stats["bytes"] > 0
 
     trial_cfg = cfg.model_copy(deep=True)
     trial_cfg.distill.align_layers = layers
     tri = TriModel(student, teacher, assistant, trial_cfg.distill, LABELS).eval()
-    reader = TargetReader(TargetCache(cfg.storage.clip_cache, stats["key"]), report.entries["train"], K=2)
+    reader = TargetReader(TargetCache(cfg.storage.clip_cache, stats["key"]), report.entries["train"], K=2,
+                          keep=tri.target_layers())
     vids = ["videos/v0.mp4", "videos/v1.mp4", "videos/v2.mp4", "videos/v1.mp4"]
     views = [0, 1, 1, 0]
     params, query, cached = reader.batch(vids, views, torch.Generator().manual_seed(0), "cpu")
     clips = torch.stack([torch.from_numpy(cache.read_clips(report.entries["train"][v])[1][w]) for v, w in zip(vids, views)])
     x = crop_flip(clips, params, 32)
+    assert query.shape == (4, 6)
+
+    # the targets themselves, model by model and layer by layer
+    checked = 0
+    for name, f in tri.frozen.items():
+        live = f.targets(x, query)
+        live["grid"] = tri._grid(live.pop("tokens"))
+        got = f.select(cached[name])
+        for key in ("feats", "attn"):
+            for g, w in zip(got[key], live[key]):
+                assert g.shape == w.shape and rel_err(g, w) < 5e-3, (name, key)
+                checked += 1
+        assert rel_err(got["grid"], live["grid"]) < 5e-3
+        if f.teaches_logits:
+            assert rel_err(got["logits"], live["logits"]) < 5e-3
+        # the control: wrong maps (uniform rows) are far outside that tolerance, so the check can fail
+        uniform = torch.full_like(live["attn"][0], 1 / live["attn"][0].shape[-1])
+        assert rel_err(uniform, live["attn"][0]) > 0.3
+    assert checked == 2 * 2 * len(layers)
+
     y = torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         live = tri(x, y, query_idx=query)
@@ -54,9 +93,46 @@ def test_cached_targets_give_the_live_losses(tmp_path, layers):
             m.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
         from_cache = tri(x, y, cached=cached, query_idx=query)
     assert calls["n"] == 0  # the frozen models did not run
-    assert query.shape == (4, 6)
     for k in ("ce", "feat", "attn", "asym", "asym_spatial", "asym_temporal", "kd_teacher", "loss"):
-        assert from_cache[k].item() == pytest.approx(live[k].item(), rel=2e-2, abs=2e-3), k
+        assert from_cache[k].item() == pytest.approx(live[k].item(), rel=2e-2), k
+
+
+def test_the_size_is_known_before_building_and_a_cache_too_large_is_refused(tmp_path):
+    cfg, report, _ = setup(tmp_path)
+    _, teacher, assistant = models()
+    frozen = {"teacher": teacher, "assistant": assistant}
+    said = []
+    stats = build_target_cache(cfg, report, frozen, 2, LABELS, log=said.append)
+    # the estimate is the tensors' bytes; the files add torch.save's framing (a few KB per entry)
+    assert stats["estimated_bytes"] <= stats["bytes"] <= stats["estimated_bytes"] + 3 * 64 * 1024
+    assert f"{stats['estimated_bytes'] / 1e9:.2f} GB" in said[0]
+    small = cfg.model_copy(deep=True)
+    small.distill.target_cache_max_gb = stats["estimated_bytes"] / 4 / 1e9
+    small.distill.target_views = 1  # a new key (half the size): nothing computed yet, and nothing may be
+    with pytest.raises(TargetCacheError, match="distill.target_cache_max_gb"):
+        build_target_cache(small, report, frozen, 2, LABELS, log=lambda *a: None)
+    assert ClipCache(cfg.storage.clip_cache).size_bytes("targets") == stats["bytes"]  # no entry of the new key
+
+
+def test_the_reader_keeps_the_trials_layers_within_its_memory_budget(tmp_path):
+    cfg, report, _ = setup(tmp_path)
+    _, teacher, assistant = models()
+    stats = build_target_cache(cfg, report, {"teacher": teacher, "assistant": assistant}, 2, LABELS,
+                               log=lambda *a: None)
+    store = TargetCache(cfg.storage.clip_cache, stats["key"])
+    full = TargetReader(store, report.entries["train"], K=2)
+    entry = full._entry("videos/v0.mp4")
+    assert set(entry["teacher"]["feats"]) == {2, 4}  # every candidate layer
+    keep = {"teacher": {4}, "assistant": {3}}
+    lean = TargetReader(store, report.entries["train"], K=2, keep=keep, budget_mb=1.5 * entry["nbytes"] / 2**20 / 2)
+    one = lean._entry("videos/v0.mp4")
+    assert set(one["teacher"]["feats"]) == {4} and set(one["assistant"]["attn"]) == {3}
+    assert one["nbytes"] < entry["nbytes"]
+    g = torch.Generator().manual_seed(0)
+    for vid in ["videos/v0.mp4", "videos/v1.mp4", "videos/v2.mp4"] * 3:
+        lean.batch([vid], [0], g, "cpu")
+        assert lean.bytes <= lean.budget or len(lean.loaded) == 1
+    assert len(lean.loaded) < 3 and lean.reads > 3  # evicted and read again: memory stays bounded
 
 
 def test_augmentations_are_fixed_per_view_and_the_key_follows_the_weights(tmp_path):

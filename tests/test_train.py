@@ -61,14 +61,21 @@ def test_train_command_then_eval_and_pipeline(synth_root, smoke_zoo, tmp_path):
 
 
 def test_each_worker_trains_on_its_own_share(synth_root, smoke_zoo, tmp_path, ray_local):
+    """Also with α = 0 and grad_accum 2: DDP through Ray's prepare_model must allow the unused
+    classifier, and the replicas must end identical."""
     from tmad_ray.train.run import fit
 
-    cfg, manifest, report = prepared(tmp_path, synth_root, smoke_zoo, "train.epochs=1")
+    cfg, manifest, report = prepared(tmp_path, synth_root, smoke_zoo, "train.epochs=1", "distill.alpha=0",
+                                     "train.grad_accum=2")
     out = fit(cfg, manifest, report, "share")
     m = out.result.metrics
-    n_train = len(manifest.rows["train"]) * cfg.data.train_views
-    assert m["train_clips_per_rank"] == [n_train // 2, n_train // 2]   # equal shares: equal step counts
-    assert m["train_shard_overlap"] == 0 and m["train_clips"] == n_train
+    videos = len(manifest.rows["train"])
+    per_rank = -(-videos // 2) * cfg.data.train_views   # shares padded to equal length: equal step counts
+    assert m["train_clips_per_rank"] == [per_rank, per_rank] and m["train_clips"] == 2 * per_rank
+    assert m["train_shard_overlap"] == 0                # no clip trained by both ranks
+    assert m["train_steps"] == -(-per_rank // cfg.train.batch_size)
+    assert m["replica_drift"] == 0.0                    # DDP kept the two replicas identical
+    assert len(m["step_s_per_rank"]) == 2 and min(m["peak_memory_mb_per_rank"]) > 100
     assert m["val_videos"] == len(manifest.rows["val"])                 # every val video, on one rank each
     assert sum(map(sum, m["val_confusion"])) == len(manifest.rows["val"])
     assert {"train_ce", "train_feat", "train_attn", "train_asym", "train_kd_teacher", "val_macro_f1",

@@ -1,4 +1,4 @@
-"""Training pieces without Ray: metrics, view averaging, augmentation, schedule, shard holding, export."""
+"""Training pieces without Ray: metrics, view averaging, augmentation, schedule, export."""
 
 import math
 
@@ -12,7 +12,7 @@ from tmad_ray.data.synthetic import write_mp4
 from tmad_ray.models.hf import video_config
 from tmad_ray.train import evaluate as ev
 from tmad_ray.train.export import export_student, load_exported
-from tmad_ray.train.loop import Shard, augment, cosine_with_warmup
+from tmad_ray.train.loop import augment, cosine_with_warmup
 
 LABELS = ["A", "B1", "B2", "G"]
 
@@ -62,35 +62,6 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
     assert lrs[3] == pytest.approx(0.5 * (1 + math.cos(math.pi / 8)))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
-
-
-class FakeIterator:
-    """The part of Ray's DataIterator a Shard uses; counts passes."""
-
-    def __init__(self, n):
-        self.n, self.passes = n, 0
-
-    def iter_batches(self, batch_size, batch_format):
-        self.passes += 1
-        for i in range(0, self.n, batch_size):
-            m = min(batch_size, self.n - i)
-            yield {"clip": [np.full((2, 2, 2, 3), j, np.uint8).tobytes() for j in range(i, i + m)],
-                   "shape": [(2, 2, 2, 3)] * m, "label": np.arange(i, i + m) % 4,
-                   "video_id": np.array([f"v{j // 2}" for j in range(i, i + m)]), "view": np.arange(i, i + m) % 2}
-
-
-def test_shard_holds_what_fits_and_streams_what_does_not():
-    it = FakeIterator(10)
-    shard = Shard(it, budget_mb=1)
-    first = [b["clip"][:, 0, 0, 0, 0].tolist() for b in shard.batches(4)]
-    assert sum(first, []) == list(range(10)) and it.passes == 1
-    again = sum([b["clip"][:, 0, 0, 0, 0].tolist() for b in shard.batches(4, shuffle_seed=3)], [])
-    assert sorted(again) == list(range(10)) and again != list(range(10)) and it.passes == 1  # from memory
-    big = FakeIterator(10)
-    streamed = Shard(big, budget_mb=0)
-    for _ in range(2):
-        assert sum(len(b["label"]) for b in streamed.batches(4)) == 10
-    assert big.passes == 2 and streamed.held is None
 
 
 def test_export_loads_in_the_transformers_pipeline_and_in_eval(tmp_path):

@@ -151,3 +151,33 @@ class _Const(torch.nn.Module):
 
     def forward(self, _x):
         return self.value
+
+
+def test_relational_term_is_within_two_orders_of_the_feature_term_at_init():
+    """At the toy default's shapes (16x48², patch 8: student 4x96, teacher 4x128, assistant 4x96), the
+    relational term δ weighs must not vanish next to β's (it was ~1800x smaller before τ_r)."""
+    torch.manual_seed(0)
+
+    def vit(depth, width, heads, labels=LABELS):
+        return VideoMAEForVideoClassification(video_config(depth, width, heads, image_size=48, num_frames=16,
+                                                           patch_size=8, tubelet_size=2, labels=labels))
+
+    tri = TriModel(vit(4, 96, 3), vit(4, 128, 4), vit(4, 96, 3, ["l", "r", "u", "d"]),
+                   config_from_dict({}).distill, LABELS)
+    with torch.no_grad():
+        out = tri(torch.randn(8, 16, 3, 48, 48), torch.randint(0, 4, (8,)))
+    relations = (out["asym_spatial"] + out["asym_temporal"]).item()
+    assert 1e-2 <= relations / out["feat"].item() <= 1e2, (relations, out["feat"].item())
+
+
+def test_a_relation_grid_of_one_cell_is_refused():
+    """The model-level check (a hub student's patch size is known only once it loads); the config
+    refuses what it can see already (test_config)."""
+    student, teacher, assistant = models()
+    for field, match in (("asym_space", "asym_space"), ("asym_time", "asym_time")):
+        d = distill()
+        setattr(d, field, 1)
+        with pytest.raises(LayerError, match=match):
+            TriModel(student, teacher, assistant, d, LABELS)
+        d.delta = 0.0
+        TriModel(student, teacher, assistant, d, LABELS)  # no relational term: nothing to refuse

@@ -131,8 +131,9 @@ def prepare_errors() -> tuple:
     from tmad_ray.data.pipeline import DataError
     from tmad_ray.models.amd import ConversionError, FetchError
     from tmad_ray.models.hf import ModelError
+    from tmad_ray.distill.targets import TargetCacheError
 
-    return (DataError, ManifestError, ModelError, FetchError, ConversionError)
+    return (DataError, ManifestError, ModelError, FetchError, ConversionError, TargetCacheError)
 
 
 def prepare_study(cfg):
@@ -147,7 +148,8 @@ def prepare_study(cfg):
         from tmad_ray.distill.targets import build_target_cache
 
         stats = build_target_cache(cfg, report, {"teacher": models["teacher"], "assistant": models["assistant"]},
-                                   models["student"].config.num_hidden_layers, manifest.labels)
+                                   models["student"].config.num_hidden_layers, manifest.labels,
+                                   workers=cfg.train.num_workers)
         report.targets_key = stats["key"]
     return manifest, report, models
 
@@ -175,7 +177,9 @@ def cmd_tune(args) -> int:
     resources = init_ray(cfg, per_run_extra=TRIAL_CPU)  # the cluster of `ray job submit`, else a local Ray
     try:
         manifest, report, models = prepare_study(cfg)
-        check_layer_sets(cfg, models["student"].config.num_hidden_layers)
+        from tmad_ray.distill.trimodel import token_grid
+
+        check_layer_sets(cfg, models["student"].config.num_hidden_layers, token_grid(models["student"].config))
     except (*prepare_errors(), StudyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

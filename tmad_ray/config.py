@@ -166,6 +166,10 @@ class DistillConfig(_Strict):
     cache_targets: bool = False
     # With cache_targets: K fixed augmentations (crop + flip) per cached view, each with its targets.
     target_views: int = Field(2, ge=1, le=16)
+    # The study refuses to build a target cache larger than this (its size is printed first).
+    target_cache_max_gb: float = Field(20.0, gt=0)
+    # Each training worker keeps at most this much of the target cache in memory (least recently used first out).
+    target_cache_reader_mb: int = Field(1024, ge=1)
 
     @field_validator("align_layers")
     @classmethod
@@ -189,9 +193,12 @@ class TrainConfig(_Strict):
     flip: bool = True
     seed: int = 0
     max_failures: int = Field(2, ge=0)
-    # A worker keeps its shard of clips in memory after the first epoch when it fits (later
-    # epochs then skip Ray Data's per-pass start-up); above this it streams every epoch.
+    # A worker keeps its share of the train (and val) clips in memory when it fits, and then draws a
+    # full permutation of its clips every epoch; above this it streams them from the clip cache.
     hold_in_memory_mb: int = Field(2048, ge=0)
+    # Streaming: the clips of this many clips' worth of videos are shuffled together (views of one
+    # video then land in different batches); about two windows are held in memory.
+    shuffle_window_clips: int = Field(64, ge=1)
     num_to_keep: int = Field(2, ge=1)  # checkpoints kept per run: the best by val_accuracy and the latest
 
 
@@ -221,9 +228,6 @@ class SearchConfig(_Strict):
     reduction_factor: float = Field(2, gt=1)
     max_concurrent_trials: int | None = Field(None, ge=1)
     controller_failure_limit: int = Field(3, ge=0)
-    # Read the train split into Ray's object store once and share it with every trial ("auto": when it
-    # takes at most 30% of the store), instead of each trial starting its own read of the clip cache.
-    share_train_data: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("alpha", "beta", "gamma", "delta", "temperature", "lr")
     @classmethod
@@ -278,6 +282,23 @@ class FaultsConfig(_Strict):
     kill_worker_rank: int = 1
 
 
+def relation_grid_problem(asym_time: int | None, asym_space: int, token_time: int, token_side: int) -> str | None:
+    """Why the relational term (δ) would be exactly 0 on this grid, or None.
+
+    Relations are similarities between cells; with one cell per row the softmax is 1 whatever the
+    features are, and the KL is 0: the term would teach nothing while the search tunes its weight."""
+    time, space = min(asym_time or token_time, token_time), min(asym_space, token_side)
+    if space < 2:
+        return (f"the relational term's grid has {space} spatial cell per side (distill.asym_space={asym_space}, "
+                f"{token_side} tokens per side): spatial relations would be 1x1 and the term exactly 0; "
+                "use distill.asym_space >= 2")
+    if time < 2:
+        return (f"the relational term's grid has {time} time step (distill.asym_time={asym_time}, {token_time} "
+                "token time steps = data.num_frames / tubelet_size): temporal relations would be 1x1 and the "
+                "term exactly 0; use distill.asym_time >= 2 (or null) and at least 2 tubelets of frames")
+    return None
+
+
 class Config(_Strict):
     name: str = "tmad"
     data: DataConfig = DataConfig()
@@ -288,6 +309,16 @@ class Config(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
     faults: FaultsConfig = FaultsConfig()
+
+    @model_validator(mode="after")
+    def _relation_grid(self) -> "Config":
+        s = self.models.student
+        if self.distill.delta > 0 and s.name is None:  # a hub student's patch size is checked when it loads
+            problem = relation_grid_problem(self.distill.asym_time, self.distill.asym_space,
+                                            self.data.num_frames // s.tubelet_size, self.data.image_size // s.patch_size)
+            if problem:
+                raise ValueError(f"distill.delta={self.distill.delta}: {problem}")
+        return self
 
 
 def _is_uri(p: str) -> bool:
@@ -327,7 +358,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 

@@ -1,7 +1,9 @@
-"""Ray Data: manifest rows -> decode on CPU actors -> clip cache -> clip datasets for training.
+"""Ray Data: manifest rows -> decode on CPU actors -> clip cache.
 
     report = fill_cache(manifest, cfg)           # decodes only what the cache lacks
-    ds = clip_dataset(manifest, report, cfg, "train")  # rows {video_id, view, clip, shape, label}
+    ds = clip_dataset(manifest, report, cfg, "train")  # the cached clips as a Ray Dataset (analysis, bench)
+
+Training workers read the cache themselves (``loader.py``), in a seeded per-epoch order.
 
 Decoding is the expensive stage, so it happens once per study: ``fill_cache`` looks every video
 up in the cache on the driver (a stat and a key), and only the missing ones go through
@@ -182,7 +184,9 @@ def check_bad_fraction(report: CacheReport, max_bad_fraction: float) -> None:
 
 
 def clip_dataset(manifest: Manifest, report: CacheReport, cfg, split: str):
-    """The cached clips of ``split`` as a Ray Dataset with an int64 ``label`` column."""
+    """The cached clips of ``split`` as a Ray Dataset with an int64 ``label`` column: rows
+    ``{video_id, view, clip, shape, label}`` (for analysis and ``bench data``; training reads the
+    cache through ``loader.TrainShard``)."""
     import ray
 
     entries = report.entries.get(split, {})
@@ -197,48 +201,3 @@ def clip_dataset(manifest: Manifest, report: CacheReport, cfg, split: str):
 
     paths = [cache.entry_uri(entries[vid]) for vid in sorted(entries)]
     return ray.data.read_parquet(paths).map_batches(add_label, batch_format="numpy")
-
-
-def split_bytes(report: CacheReport, cfg, split: str) -> int:
-    """In-memory size of a split's cached clips: one entry read (every entry holds the same views of
-    the same shape) times the entries. Parquet's own metadata undercounts encoded columns."""
-    import pyarrow.parquet as pq
-
-    entries = report.entries.get(split, {})
-    if not entries:
-        return 0
-    cache = ClipCache(cfg.storage.clip_cache)
-    with cache.fs.open_input_file(cache.entry_path(entries[min(entries)])) as f:
-        return len(entries) * pq.read_table(f).nbytes
-
-
-# A study's train split is held in the object store only when it leaves most of the store free:
-# the trials' own objects (checkpoints, reports, the val rows) need room too, and spilling would
-# cost more than the reads it saves.
-SHARE_OF_OBJECT_STORE = 0.3
-
-
-def study_train_dataset(manifest: Manifest, report: CacheReport, cfg, object_store_bytes: float, log=print):
-    """The train split every trial of a study reads, or ``None`` to let each trial read the cache.
-
-    Materialized (read into the object store once, for all trials) when ``search.share_train_data``
-    is ``always``, or ``auto`` and it fits ``SHARE_OF_OBJECT_STORE`` of the store: every trial then
-    streams blocks already in memory instead of starting its own read tasks.
-    """
-    mode = cfg.search.share_train_data
-    size = split_bytes(report, cfg, "train")
-    if mode == "never" or (mode == "auto" and size > SHARE_OF_OBJECT_STORE * object_store_bytes):
-        if mode == "auto":
-            log(f"train data {size / 2**20:.0f} MB > {SHARE_OF_OBJECT_STORE:.0%} of the object store "
-                f"({object_store_bytes / 2**20:.0f} MB): each trial reads it from the clip cache")
-        return None
-    import ray.data
-
-    # The dataset keeps the context it is made in, and the trials' splits would draw progress bars
-    # into the driver's output under Tune's table.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    t0 = time.perf_counter()
-    ds = clip_dataset(manifest, report, cfg, "train").materialize()
-    log(f"train data {size / 2**20:.1f} MB held in the object store for every trial "
-        f"({time.perf_counter() - t0:.1f} s)")
-    return ds

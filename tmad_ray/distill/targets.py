@@ -16,10 +16,12 @@ the query rows and the tokenization: change any and the targets are computed aga
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import time
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -138,20 +140,89 @@ def plan(cfg, student_depth: int, frozen: dict[str, torch.nn.Module], labels: li
     return spec
 
 
+class TargetCacheError(RuntimeError):
+    pass
+
+
+def entry_bytes(spec: dict, frozen: dict[str, torch.nn.Module], views: int) -> int:
+    """Bytes of one video's entry (fp16 tensors): per view and augmentation, for each frozen model, the
+    features ``[N,D]`` and the pooled grid ``[T',S,S,D]`` at each of its layers, the attention maps
+    ``[Nq,N]`` there, and its logits; plus the query rows. What ``build_target_cache`` checks first."""
+    t, h, w = spec["grid"]
+    n = t * h * w
+    nq = n if spec["query"] is None else min(spec["query"], n)
+    cells = min(spec["time"], t) * min(spec["space"], h) * min(spec["space"], w)
+    per_item = 0 if spec["query"] is None or spec["query"] >= n else nq * 8
+    for name, m in frozen.items():
+        mp, width = spec["models"][name], m.config.hidden_size
+        per_layer = n * width + cells * width + (nq * n if spec["attn"] else 0)
+        per_item += 2 * (len(mp["layers"]) * per_layer + (m.config.num_labels if mp["logits"] else 0))
+    return views * spec["K"] * per_item
+
+
 def build_target_cache(cfg, report, frozen: dict[str, torch.nn.Module], student_depth: int, labels: list[str],
-                       batch_size: int = 16, log=print) -> dict:
-    """Compute the targets of every cached train view (skipping entries already there)."""
+                       batch_size: int = 16, log=print, workers: int | None = None) -> dict:
+    """Compute the targets of every cached train view (skipping entries already there).
+
+    The size is printed first, and a cache larger than ``distill.target_cache_max_gb`` is refused.
+    ``workers``: None computes here, in this process; a number runs that many Ray tasks, each with
+    the resources of a training worker (a GPU with ``train.use_gpu``), the models travelling through
+    the object store, so the frozen forwards run where training would run them.
+    """
     spec = plan(cfg, student_depth, frozen, labels)
+    store = TargetCache(cfg.storage.clip_cache, spec["key"])
+    entries = sorted(report.entries.get("train", {}).items())
+    per_video = entry_bytes(spec, frozen, cfg.data.train_views)
+    total, limit = per_video * len(entries), cfg.distill.target_cache_max_gb * 1e9
+    log(f"frozen targets {spec['key']}: {len(entries)} videos x {per_video / 1e6:.1f} MB = {total / 1e9:.2f} GB "
+        f"(distill.target_cache_max_gb={cfg.distill.target_cache_max_gb:g})")
+    if total > limit:
+        raise TargetCacheError(
+            f"the frozen-target cache would take {total / 1e9:.1f} GB ({per_video / 1e6:.0f} MB per video), more "
+            f"than distill.target_cache_max_gb={cfg.distill.target_cache_max_gb:g}. Shrink it (distill.target_views, "
+            "distill.attn_query_tokens, fewer search.align_layer_sets), raise distill.target_cache_max_gb if the "
+            "storage has room, or set distill.cache_targets=false (the frozen models then run in every step)")
+    todo = [(v, k) for v, k in entries if store.cache.read_blob(store._rel(k)) is None]
+    t0 = time.perf_counter()
+    if todo and workers is None:
+        compute_entries(frozen, spec, cfg, todo, "cpu", batch_size)
+    elif todo:
+        import ray
+
+        t = cfg.train
+        task = ray.remote(_compute_task).options(num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0)
+        models = ray.put(frozen)
+        n = max(1, min(workers, len(todo)))
+        ray.get([task.remote(models, spec, cfg.model_dump(), todo[i::n], batch_size) for i in range(n)])
+    seconds = time.perf_counter() - t0
+    stats = {"key": spec["key"], "videos": len(entries), "computed": len(todo), "reused": len(entries) - len(todo),
+             "views": len(entries) * cfg.data.train_views * spec["K"], "seconds": seconds,
+             "bytes": store.size_bytes(), "estimated_bytes": total, "spec": spec}
+    log(f"frozen targets {spec['key']}: {stats['computed']} videos computed, {stats['reused']} reused in "
+        f"{seconds:.1f} s, {stats['bytes'] / 2**20:.1f} MB")
+    return stats
+
+
+def _compute_task(frozen: dict, spec: dict, cfg_dict: dict, todo: list, batch_size: int) -> None:
+    """A Ray task's share of ``build_target_cache``: on the GPU Ray gave it, else the CPU."""
+    from tmad_ray.config import config_from_dict
+
+    cfg = config_from_dict(cfg_dict)
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    compute_entries(frozen, spec, cfg, todo, "cuda" if torch.cuda.is_available() else "cpu", batch_size)
+
+
+def compute_entries(frozen: dict[str, torch.nn.Module], spec: dict, cfg, todo: list[tuple[str, str]], device,
+                    batch_size: int) -> None:
+    """Write the target entry of each ``(video_id, clip-cache key)`` in ``todo``: frozen forwards on
+    ``device`` (bf16 autocast on CUDA, as in training; the maps themselves in fp32), stored in fp16."""
     store, clips_cache = TargetCache(cfg.storage.clip_cache, spec["key"]), ClipCache(cfg.storage.clip_cache)
     size, side = cfg.data.image_size, cfg.data.train_short_side
     n_tokens = spec["grid"][0] * spec["grid"][1] * spec["grid"][2]
-    t0, computed, reused = time.perf_counter(), 0, 0
-    for model in frozen.values():
-        model.eval()
-    for video_id, entry_key in sorted(report.entries.get("train", {}).items()):
-        if store.cache.read_blob(store._rel(entry_key)) is not None:
-            reused += 1
-            continue
+    device = torch.device(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    models = {name: m.to(device).eval() for name, m in frozen.items()}
+    for video_id, entry_key in todo:
         _, clips = clips_cache.read_clips(entry_key)
         items = [(v, k) for v in range(len(clips)) for k in range(spec["K"])]
         params = [aug_params(video_id, v, k, side, size, spec["flip"]) for v, k in items]
@@ -159,24 +230,24 @@ def build_target_cache(cfg, report, frozen: dict[str, torch.nn.Module], student_
         entry = {"video_id": video_id, "items": items, "aug": params,
                  "query": None if queries[0] is None else torch.stack(queries)}
         src = torch.from_numpy(clips)
-        for name, m in frozen.items():
+        for name, m in models.items():
             mp = spec["models"][name]
             parts = []
             for i in range(0, len(items), batch_size):
                 x = crop_flip(src[[v for v, _ in items[i:i + batch_size]]], params[i:i + batch_size], size)
-                q = None if entry["query"] is None else entry["query"][i:i + batch_size]
-                parts.append(frozen_targets(m, x, mp["layers"], spec["grid"], spec["time"], spec["space"],
-                                            spec["attn"], q, mp["logits"]))
+                q = None if entry["query"] is None else entry["query"][i:i + batch_size].to(device)
+                with autocast:
+                    out = frozen_targets(m, x.to(device), mp["layers"], spec["grid"], spec["time"], spec["space"],
+                                         spec["attn"], q, mp["logits"])
+                parts.append(_to_cpu(out))
             entry[name] = _cat(parts)
         store.write(entry_key, entry)
-        computed += 1
-    seconds = time.perf_counter() - t0
-    stats = {"key": spec["key"], "videos": computed + reused, "computed": computed, "reused": reused,
-             "views": (computed + reused) * cfg.data.train_views * spec["K"], "seconds": seconds,
-             "bytes": store.size_bytes(), "spec": spec}
-    log(f"frozen targets {spec['key']}: {computed} videos computed, {reused} reused in {seconds:.1f} s, "
-        f"{stats['bytes'] / 2**20:.1f} MB")
-    return stats
+
+
+def _to_cpu(tree):
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    return tree.cpu()
 
 
 def _cat(parts: list[dict]) -> dict:
@@ -191,21 +262,45 @@ def _cat(parts: list[dict]) -> dict:
 
 class TargetReader:
     """A worker's view of the target cache: per batch, pick an augmentation per clip, return the
-    augmented clips and the targets stacked like ``Frozen.targets`` returns them."""
+    augmented clips and the targets stacked like ``Frozen.targets`` returns them.
 
-    def __init__(self, store: TargetCache, entries: dict[str, str], K: int):
-        self.store, self.entries, self.K = store, entries, K
-        self.loaded: dict[str, dict] = {}
+    ``keep``: per frozen model, the layers this trial uses (``TriModel.target_layers``); an entry
+    loses every other layer as it is read. Entries stay in memory up to ``budget_mb``, least
+    recently used first out, so memory does not grow with the dataset."""
+
+    def __init__(self, store: TargetCache, entries: dict[str, str], K: int, keep: dict[str, set[int]] | None = None,
+                 budget_mb: float = 1024):
+        self.store, self.entries, self.K, self.keep = store, entries, K, keep
+        self.budget = budget_mb * 2**20
+        self.loaded: OrderedDict[str, dict] = OrderedDict()
+        self.bytes = 0
+        self.reads = 0
 
     def _entry(self, video_id: str) -> dict:
-        if video_id not in self.loaded:
-            e = self.store.read(self.entries[video_id])
-            if e is None:
-                raise RuntimeError(f"no cached targets for {video_id} (cache {self.store.key}); the study builds "
-                                   "them before training when distill.cache_targets is true")
-            e["index"] = {tuple(it): n for n, it in enumerate(e["items"])}
-            self.loaded[video_id] = e
-        return self.loaded[video_id]
+        if video_id in self.loaded:
+            self.loaded.move_to_end(video_id)
+            return self.loaded[video_id]
+        e = self.store.read(self.entries[video_id])
+        self.reads += 1
+        if e is None:
+            raise RuntimeError(f"no cached targets for {video_id} (cache {self.store.key}); the study builds "
+                               "them before training when distill.cache_targets is true")
+        if self.keep is not None:
+            for name in ("teacher", "assistant"):
+                if name in e and name not in self.keep:
+                    del e[name]
+                elif name in e:
+                    for key in ("feats", "grid", "attn"):
+                        if key in e[name]:
+                            e[name][key] = {j: v for j, v in e[name][key].items() if j in self.keep[name]}
+        e["index"] = {tuple(it): n for n, it in enumerate(e["items"])}
+        e["nbytes"] = _nbytes(e)
+        self.loaded[video_id] = e
+        self.bytes += e["nbytes"]
+        while self.bytes > self.budget and len(self.loaded) > 1:
+            _, old = self.loaded.popitem(last=False)
+            self.bytes -= old["nbytes"]
+        return e
 
     def batch(self, video_ids, views, gen: torch.Generator, device) -> tuple[list, torch.Tensor | None, dict]:
         """(aug params per clip, query rows ``[B,Nq]`` or None, ``{model: {feats|attn|grid: {layer: [B,...]}, logits}}``)."""
@@ -226,3 +321,13 @@ class TargetReader:
                     m[key] = torch.stack([e[name][key][i] for e, i in rows]).to(device).float()
             out[name] = m
         return params, query, out
+
+
+def _nbytes(tree) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_nbytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_nbytes(v) for v in tree)
+    return 0

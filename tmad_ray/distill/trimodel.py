@@ -205,6 +205,12 @@ class TriModel(nn.Module):
         self.trainable: nn.Module = Trainable(student, self.layers, {n: m.config.hidden_size
                                                                       for n, m in frozen_models.items()}, self.needs)
         self.grid = token_grid(student.config)
+        if self.needs.asym:
+            from tmad_ray.config import relation_grid_problem
+
+            problem = relation_grid_problem(d.asym_time, d.asym_space, self.grid[0], min(self.grid[1:]))
+            if problem:
+                raise LayerError(f"distill.delta={d.delta}: {problem}")
 
     @property
     def core(self) -> Trainable:
@@ -214,6 +220,10 @@ class TriModel(nn.Module):
     def wrap(self, fn) -> None:
         """Replace the trainable module by ``fn(trainable)``, e.g. ``ray.train.torch.prepare_model``."""
         self.trainable = fn(self.trainable)
+
+    def target_layers(self) -> dict[str, set[int]]:
+        """Per frozen model, the layers (its own numbering) whose targets this objective reads."""
+        return {n: set(f.layers) | {f.last} for n, f in self.frozen.items()}
 
     def frozen_to(self, device) -> "TriModel":
         for f in self.frozen.values():

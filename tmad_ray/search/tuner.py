@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmad_ray import tracking
-from tmad_ray.data.pipeline import study_train_dataset
 from tmad_ray.search.space import WEIGHTS, apply_params, distributions, space_for
 
 TRIAL_CPU = 1
@@ -100,7 +99,7 @@ def trial_fn(params: dict, study: dict) -> None:
     trainer = build_trainer(cfg, study["manifest"], study["report"], name=trial_id,
                             callbacks=[TuneReportCallback()], log_path=str(trial_dir / "train_log.jsonl"),
                             mlflow_run={"uri": study["tracking_uri"], "run_id": run_id},
-                            storage_path=study["train_storage"], train_dataset=study.get("train_dataset"))
+                            storage_path=study["train_storage"])
     # Tune kills the trial as soon as its last epoch is reported (ASHA stops at max_t too), and fit()
     # may raise while the trial's process shuts down, so neither an exception here nor code after fit()
     # says how the trial ended: the driver closes the child runs from Tune's results at the end.
@@ -142,10 +141,17 @@ def concurrent_trials(cfg, resources: dict) -> int:
     return k
 
 
-def check_layer_sets(cfg, student_depth: int) -> None:
-    """Every layer set must exist in every student the search can build (errors before any trial)."""
-    from tmad_ray.config import parse_layer_set
+def check_layer_sets(cfg, student_depth: int, student_grid: tuple[int, int, int] | None = None) -> None:
+    """Every layer set must exist in every student the search can build, and the relational term, whose
+    weight δ the search always samples, must not be 0 by construction (errors before any trial)."""
+    from tmad_ray.config import parse_layer_set, relation_grid_problem
     from tmad_ray.distill.trimodel import resolve_layer
+
+    if student_grid is not None:
+        d = cfg.distill
+        problem = relation_grid_problem(d.asym_time, d.asym_space, student_grid[0], min(student_grid[1:]))
+        if problem:
+            raise StudyError(f"search.delta {cfg.search.delta}: {problem}")
 
     if cfg.search.student_depths:
         if cfg.models.student.depth is None:
@@ -233,8 +239,6 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
     study = {"name": name, "cfg": cfg.model_dump(), "manifest": manifest, "report": report, "tracking_uri": uri,
              "experiment_id": exp_id, "parent_run_id": parent, "trials_dir": str(out_dir / "trials"),
              "train_storage": storage.uri(name, "train")}
-    study["train_dataset"] = study_train_dataset(manifest, report, cfg, resources.get("object_store_memory", 0),
-                                                 log=log)
     k = concurrent_trials(cfg, resources)
     log(f"study {name}: {cfg.search.num_samples} trials, up to {k} at a time "
         f"({cfg.train.num_workers} DDP workers each); Ray results in {exp_dir}")

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tmad_ray.data.cache import clips_from_batch
+from tmad_ray.data.loader import EvalShard, TrainShard
+from tmad_ray.data.normalize import normalize
 from tmad_ray.distill.targets import TargetCache, TargetReader, crop_flip
 from tmad_ray.distill.trimodel import TriModel
-from tmad_ray.data.normalize import normalize
 from tmad_ray.train import evaluate as ev
 
 STATE_FILE = "state.pt"
@@ -69,64 +69,39 @@ def augment(clips: torch.Tensor, size: int, flip: bool, gen: torch.Generator) ->
     return crop_flip(clips, list(zip(ys, xs, flips)), size)
 
 
-class Shard:
-    """A worker's rows of one dataset: streamed on the first pass, then held in memory if they fit."""
-
-    def __init__(self, iterator, budget_mb: int):
-        self.iterator, self.budget = iterator, budget_mb * 2**20
-        self.held: dict[str, np.ndarray] | None = None
-
-    def _stream(self, batch_size: int):
-        for batch in self.iterator.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            yield {"clip": clips_from_batch(batch), "label": np.asarray(batch["label"]),
-                   "video_id": np.asarray(batch["video_id"]).astype(str), "view": np.asarray(batch["view"])}
-
-    def batches(self, batch_size: int, shuffle_seed: int | None = None):
-        if self.held is not None:
-            n = len(self.held["label"])
-            order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else np.arange(n)
-            for i in range(0, n, batch_size):
-                idx = order[i:i + batch_size]
-                yield {k: v[idx] for k, v in self.held.items()}
-            return
-        kept, size = [], 0
-        for batch in self._stream(batch_size):
-            size += batch["clip"].nbytes
-            if kept is not None:
-                kept.append(batch)
-                if size > self.budget:
-                    kept = None  # too big to hold: stream every epoch
-            yield batch
-        if kept is not None:
-            self.held = {k: np.concatenate([b[k] for b in kept]) for k in ("clip", "label", "video_id", "view")} \
-                if kept else {"clip": np.zeros((0,), np.uint8), "label": np.zeros(0, np.int64),
-                              "video_id": np.zeros(0, str), "view": np.zeros(0, np.int32)}
+def ddp_kwargs(cfg) -> dict:
+    """Arguments for DDP. With α = 0 no loss reaches the classifier (nor the blocks after the deepest
+    aligned layer), and DDP's reducer then waits for their gradients forever unless told that some
+    parameters may go unused (which costs a graph traversal per step, so only then)."""
+    return {"find_unused_parameters": cfg.distill.alpha == 0}
 
 
-class CacheRows:
-    """Entries read straight from the clip cache, batched like a Ray Data iterator (``iter_batches``).
+def train_clip_bytes(cfg) -> int:
+    """Bytes of one cached train clip: ``T × S × S × 3`` uint8 with S = ``data.train_short_side``."""
+    d = cfg.data
+    return d.num_frames * d.train_short_side ** 2 * 3
 
-    Evaluation uses it: each rank reads only its own val videos, which costs a few file reads
-    instead of a Ray Data pass (seconds of start-up per trial on a small study)."""
 
-    def __init__(self, cache_uri: str, entries: dict[str, str], labels: dict[str, int]):
-        self.cache_uri, self.entries, self.labels = cache_uri, entries, labels
+def peak_memory_mb(device) -> float:
+    """This process's peak memory: the accelerator's peak allocation on CUDA, else the peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
 
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
-        from tmad_ray.data.cache import ClipCache
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
-        cache, buf = ClipCache(self.cache_uri), {"video_id": [], "view": [], "clip": [], "shape": [], "label": []}
-        for vid in sorted(self.entries):
-            rows = cache.read_rows(self.entries[vid])
-            for k in ("video_id", "view", "clip", "shape"):
-                buf[k] += rows[k]
-            buf["label"] += [self.labels[vid]] * len(rows["clip"])
-            while len(buf["clip"]) >= batch_size:
-                yield {k: np.asarray(v[:batch_size], dtype=object if k in ("clip", "shape") else None)
-                       for k, v in buf.items()}
-                buf = {k: v[batch_size:] for k, v in buf.items()}
-        if buf["clip"]:
-            yield {k: np.asarray(v, dtype=object if k in ("clip", "shape") else None) for k, v in buf.items()}
+
+@torch.no_grad()
+def replica_drift(module: torch.nn.Module) -> float:
+    """The largest difference of any trainable parameter between any two ranks (0.0 when DDP keeps the
+    replicas identical, as it must; 0.0 without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    flat = torch.cat([p.detach().float().reshape(-1) for p in module.parameters()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).max().cpu())
 
 
 def all_reduce(values: np.ndarray | list, op=None) -> np.ndarray:
@@ -168,15 +143,28 @@ def shard_overlap(seen: list[str], world: int) -> int:
 # ---------------------------------------------------------------------------------------- epoch parts
 
 
-def train_epoch(tri: TriModel, shard: Shard, optimizer, scheduler, cfg, device, epoch: int, rank: int,
-                gen: torch.Generator, autocast, fault=None, targets=None) -> dict:
-    """One pass over this rank's clips; returns summed loss terms and counts (to be all-reduced)."""
+def accumulation(step: int, steps: int, grad_accum: int) -> tuple[bool, int]:
+    """(whether ``step`` (1-based) of ``steps`` ends an optimizer step, how many micro-batches that step sums).
+
+    Groups of ``grad_accum`` micro-batches; the last group of an epoch may be shorter, and it still
+    ends with a synchronized backward, so that DDP all-reduces it like every other group: an
+    optimizer step on gradients that were never all-reduced would let the replicas drift apart."""
+    first = (step - 1) // grad_accum * grad_accum + 1
+    last = min(steps, first + grad_accum - 1)
+    return step == last, last - first + 1
+
+
+def train_epoch(tri: TriModel, shard, optimizer, scheduler, cfg, device, epoch: int, gen: torch.Generator,
+                autocast, fault=None, targets=None) -> dict:
+    """One pass over this rank's clips (``shard``: a ``TrainShard``, ``shard.steps`` batches); returns
+    summed loss terms and counts (to be all-reduced) and the step times."""
     t = cfg.train
     tri.trainable.train()
     sums: dict[str, float] = {}
-    n, step, seen = 0, 0, []
-    batches = shard.batches(t.batch_size, shuffle_seed=t.seed * 1000 + epoch * 10 + rank)
-    for step, batch in enumerate(batches, start=1):
+    n, step, seen, times = 0, 0, [], []
+    no_sync = getattr(tri.trainable, "no_sync", None)  # DDP's; None with one worker
+    for step, batch in enumerate(shard.batches(epoch), start=1):
+        t0 = time.perf_counter()
         if fault is not None:
             fault(epoch, step)
         clips = torch.as_tensor(batch["clip"]).to(device)
@@ -186,12 +174,13 @@ def train_epoch(tri: TriModel, shard: Shard, optimizer, scheduler, cfg, device, 
         else:  # one of the K augmentations whose frozen targets are cached
             params, query, cached = targets.batch(batch["video_id"], batch["view"], gen, device)
             x = crop_flip(clips, params, cfg.data.image_size)
-        y = torch.tensor(batch["label"], device=device)  # a copy: Arrow's buffers are read-only
-        sync = step % t.grad_accum == 0
-        no_sync = getattr(tri.trainable, "no_sync", None)
-        with (no_sync() if (not sync and no_sync) else contextlib.nullcontext()), autocast():
-            out = tri(x, y, cached=cached, query_idx=query)
-        (out["loss"] / t.grad_accum).backward()
+        y = torch.tensor(batch["label"], device=device)
+        sync, group = accumulation(step, shard.steps, t.grad_accum)
+        # forward and backward inside no_sync: DDP decides in forward whether the backward all-reduces
+        with (no_sync() if (not sync and no_sync) else contextlib.nullcontext()):
+            with autocast():
+                out = tri(x, y, cached=cached, query_idx=query)
+            (out["loss"] / group).backward()  # the mean over the group's micro-batches
         if sync:
             _optimizer_step(tri, optimizer, scheduler, t.grad_clip)
         for k, v in out.items():
@@ -199,9 +188,12 @@ def train_epoch(tri: TriModel, shard: Shard, optimizer, scheduler, cfg, device, 
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
         n += len(y)
         seen += [f"{v}#{w}" for v, w in zip(batch["video_id"], batch["view"])]
-    if step % t.grad_accum:  # a last partial accumulation (DDP synced it: the last backward was outside no_sync)
-        _optimizer_step(tri, optimizer, scheduler, t.grad_clip)
-    return {"sums": sums, "n": n, "steps": step, "seen": seen}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if step != shard.steps:
+        raise RuntimeError(f"rank trained {step} steps, expected {shard.steps}: the ranks would fall out of step")
+    return {"sums": sums, "n": n, "steps": step, "seen": seen, "step_times": times}
 
 
 def _optimizer_step(tri, optimizer, scheduler, grad_clip) -> None:
@@ -213,7 +205,7 @@ def _optimizer_step(tri, optimizer, scheduler, grad_clip) -> None:
 
 
 @torch.no_grad()
-def evaluate_shard(student, shard: Shard, labels: list[str], device, batch_size: int, autocast) -> dict:
+def evaluate_shard(student, shard: EvalShard, labels: list[str], device, batch_size: int, autocast) -> dict:
     """Per-video view-averaged predictions on this rank's val videos: confusion matrix and NLL sum."""
     student.eval()
     ids, probs, ys = [], [], []
@@ -271,17 +263,15 @@ def kill_switch(cfg, rank: int):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """``config``: ``cfg`` (the experiment as a dict), ``labels``, ``train_clips`` (total train clips),
-    ``val_entries`` and ``val_labels`` (val video id -> cache key, label id), ``log_path`` (rank 0's
-    JSON-lines log), and optionally ``mlflow`` (``{"uri", "run_id"}``: the trial's child run, logged by rank 0), ``targets_key`` and
-    ``train_entries`` (the frozen-target cache, when ``distill.cache_targets``)."""
-    import ray.data
+    """``config``: ``cfg`` (the experiment as a dict), ``labels``, ``train_entries`` / ``val_entries``
+    (video id -> clip-cache key), ``train_labels`` / ``val_labels`` (video id -> class id), ``log_path``
+    (rank 0's JSON-lines log), and optionally ``mlflow`` (``{"uri", "run_id"}``: the trial's child run,
+    logged by rank 0) and ``targets_key`` (the frozen-target cache, when ``distill.cache_targets``)."""
     import ray.train
     import ray.train.torch
 
     from tmad_ray.config import config_from_dict
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
     _quiet_report_log()
 
     # ---- setup
@@ -295,16 +285,17 @@ def train_loop_per_worker(config: dict) -> None:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
 
     tri = build_trimodel(cfg, labels)
-    tri.wrap(ray.train.torch.prepare_model)  # student + projectors: to the device, DDP when world > 1
+    # student + projectors: to the device, DDP when world > 1 (see ddp_kwargs for unused parameters)
+    tri.wrap(lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp_kwargs(cfg)))
     t = cfg.train
     optimizer = torch.optim.AdamW(tri.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    per_rank = config["train_clips"] // world  # streaming_split(equal=True) gives every rank this many
-    steps = math.ceil(math.ceil(per_rank / t.batch_size) / t.grad_accum) * t.epochs
+    train_shard = TrainShard(cfg.storage.clip_cache, config["train_entries"], config["train_labels"], rank=rank,
+                             world=world, seed=t.seed, views=cfg.data.train_views, clip_bytes=train_clip_bytes(cfg),
+                             batch_size=t.batch_size, hold_mb=t.hold_in_memory_mb, window_clips=t.shuffle_window_clips)
+    val_shard = EvalShard(cfg.storage.clip_cache, config["val_entries"], config["val_labels"], rank=rank, world=world,
+                          hold_mb=t.hold_in_memory_mb)
+    steps = math.ceil(train_shard.steps / t.grad_accum) * t.epochs  # optimizer steps of the run
     scheduler = cosine_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
-
-    train_shard = Shard(ray.train.get_dataset_shard("train"), t.hold_in_memory_mb)
-    own_val = {v: config["val_entries"][v] for i, v in enumerate(sorted(config["val_entries"])) if i % world == rank}
-    val_shard = Shard(CacheRows(cfg.storage.clip_cache, own_val, config["val_labels"]), t.hold_in_memory_mb)
 
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -315,12 +306,12 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["epoch"]
-    gen = torch.Generator().manual_seed(t.seed * 7919 + rank * 104729 + start)
     fault = kill_switch(cfg, rank)
     targets = None
     if config.get("targets_key"):
+        d = cfg.distill
         targets = TargetReader(TargetCache(cfg.storage.clip_cache, config["targets_key"]), config["train_entries"],
-                               cfg.distill.target_views)
+                               d.target_views, keep=tri.target_layers(), budget_mb=d.target_cache_reader_mb)
     else:
         tri.frozen_to(device)
     log = _Log(config.get("log_path") if rank == 0 else None)
@@ -335,8 +326,9 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start + 1, t.epochs + 1):
         log.write(event="epoch_start", epoch=epoch)
         t0 = time.perf_counter()
-        tr = train_epoch(tri, train_shard, optimizer, scheduler, cfg, device, epoch, rank, gen, autocast, fault,
-                         targets)
+        # crops and flips drawn from (seed, rank, epoch) alone: a resumed run augments as an unbroken one
+        gen = torch.Generator().manual_seed(t.seed * 7919 + rank * 104729 + epoch * 15485863)
+        tr = train_epoch(tri, train_shard, optimizer, scheduler, cfg, device, epoch, gen, autocast, fault, targets)
         train_s = time.perf_counter() - t0
         va = evaluate_shard(tri.core.student, val_shard, labels, device, t.batch_size, autocast)
 
@@ -346,6 +338,9 @@ def train_loop_per_worker(config: dict) -> None:
         cm = all_reduce(va["confusion"]).astype(np.int64)
         slowest = float(all_reduce([train_s], op=dist.ReduceOp.MAX if dist.is_initialized() else None)[0])
         shard_sizes = all_reduce(np.eye(world)[rank] * tr["n"]).astype(int).tolist()
+        step_s = all_reduce(np.eye(world)[rank] * float(np.median(tr["step_times"]))).tolist()
+        peak_mb = all_reduce(np.eye(world)[rank] * peak_memory_mb(device)).round(1).tolist()
+        drift = replica_drift(tri.trainable)
         if epoch == start + 1:  # once per attempt: do the ranks' shares overlap? how fast is the student?
             overlap = shard_overlap(tr["seen"], world)
             latency = float(all_reduce([student_latency_ms(tri.core.student, cfg, device) if rank == 0 else 0.0])[0])
@@ -356,6 +351,8 @@ def train_loop_per_worker(config: dict) -> None:
                    "student_latency_ms": latency,
                    "student_params_m": sum(p.numel() for p in tri.core.student.parameters()) / 1e6,
                    "train_clips": int(n_clips), "train_clips_per_rank": shard_sizes, "train_shard_overlap": overlap,
+                   "train_steps": tr["steps"], "step_s_per_rank": step_s, "peak_memory_mb_per_rank": peak_mb,
+                   "replica_drift": drift,
                    "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
                    "val_loss": float(nll / max(n_videos, 1)), "val_videos": int(n_videos),
                    "val_per_class": {k: (float("nan") if v is None else v) for k, v in m["per_class"].items()},

@@ -9,32 +9,28 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmad_ray.data.pipeline import clip_dataset
 from tmad_ray.train.loop import STUDENT_DIR, train_loop_per_worker
 
 
 def loop_config(cfg, manifest, report, log_path: str | None, mlflow_run: dict | None = None) -> dict:
     """What ``train_loop_per_worker`` needs, all plain data (it travels to the workers)."""
     targets = report.targets_key if cfg.distill.cache_targets else None
+    label_of = {split: {r.path: manifest.label2id[r.label] for r in manifest.rows[split]} for split in ("train", "val")}
     return {"cfg": cfg.model_dump(), "labels": list(manifest.labels),
-            "train_clips": len(report.entries["train"]) * cfg.data.train_views,
-            "val_entries": dict(report.entries["val"]),
-            "val_labels": {r.path: manifest.label2id[r.label] for r in manifest.rows["val"]},
-            "log_path": log_path, "mlflow": mlflow_run,
-            "targets_key": targets, "train_entries": dict(report.entries["train"]) if targets else None}
+            "train_entries": dict(report.entries["train"]), "val_entries": dict(report.entries["val"]),
+            "train_labels": {v: label_of["train"][v] for v in report.entries["train"]},
+            "val_labels": {v: label_of["val"][v] for v in report.entries["val"]},
+            "log_path": log_path, "mlflow": mlflow_run, "targets_key": targets}
 
 
 def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = None, log_path: str | None = None,
-                  mlflow_run: dict | None = None, storage_path: str | None = None, train_dataset=None):
+                  mlflow_run: dict | None = None, storage_path: str | None = None):
     """A ``TorchTrainer`` over the cached train/val clips; a run of the same ``name`` in the same
-    storage resumes from its latest checkpoint (Ray Train V2). ``train_dataset``: the study's shared
-    (materialized) train split; by default the run reads the clip cache itself."""
+    storage resumes from its latest checkpoint (Ray Train V2). Each worker reads its own share of
+    the clip cache (``tmad_ray.data.loader``), in a seeded order that changes every epoch."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch table is the progress
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
@@ -51,9 +47,6 @@ def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = Non
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep,
                                                          checkpoint_score_attribute="val_accuracy",
                                                          checkpoint_score_order="max")),
-        # val is read by each rank straight from the cache (its own videos, all views of a video together)
-        datasets={"train": clip_dataset(manifest, report, cfg, "train") if train_dataset is None else train_dataset},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 
 
