@@ -105,3 +105,8 @@ def test_eval_shards_split_videos_and_keep_every_view_together(cache):
     assert sorted(seen[0] + seen[1]) == sorted((v, w) for v in entries for w in range(VIEWS))
     assert not {v for v, _ in seen[0]} & {v for v, _ in seen[1]}
     assert [(v, int(w)) for b in shards[0].batches(5) for v, w in zip(b["video_id"], b["view"])] == seen[0]
+    assert len(shards[0].reader.held) == len(shards[0].own)  # small: kept after the first pass
+    tight = EvalShard(uri, entries, labels, rank=0, world=2, hold_mb=3 * VIEWS * np.prod(SHAPE) / 2**20)
+    again = [[(v, int(w)) for b in tight.batches(5) for v, w in zip(b["video_id"], b["view"])] for _ in range(2)]
+    assert again[0] == again[1] == seen[0]
+    assert tight.reader.held == {} and not tight.reader.hold  # over its budget: never more than ~3 videos held

@@ -320,6 +320,13 @@ def cmd_bench_gpu(args) -> int:
     return 0
 
 
+def cmd_rehearse(args) -> int:
+    from tmad_ray.bench.rehearse import run_rehearsal
+
+    run_rehearsal(args.out, work=args.dir, tiny=args.tiny)
+    return 0
+
+
 def cmd_convert_amd(args) -> int:
     from tmad_ray.models import amd
 
@@ -466,6 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=10)
     p.set_defaults(fn=cmd_bench_gpu)
+    p = sub.add_parser("rehearse", help="the xd_violence path end to end at real shapes (12 videos, 2 trials, 1 epoch)")
+    p.add_argument("--out", default="bench/rehearse.json")
+    p.add_argument("--dir", default="rehearse", help="working directory (data, models, caches, MLflow, outputs)")
+    p.add_argument("--tiny", action="store_true", help="toy sizes (what the tests run)")
+    p.set_defaults(fn=cmd_rehearse)
     p = bench.add_parser("quality", help="test accuracy: CE-only vs the searched distillation vs each term off")
     p.add_argument("--out", default="bench/quality.json")
     p.add_argument("--seeds", default="0,1,2")

@@ -2,9 +2,9 @@
 
 Under ``ray job submit`` (``RAY_ADDRESS`` set) or next to a ``ray start`` cluster, it attaches
 to that cluster. Otherwise a local Ray starts; on a small machine it gets more
-logical CPUs than cores, because training workers each hold a CPU for the whole run and Ray Data
-needs one more to feed them: with exactly as many CPUs as workers, reading the clip cache would
-wait forever for a free CPU.
+logical CPUs than cores, because training workers (and a trial's driver) each hold a CPU for the
+whole run, and one more is kept free for Ray's own tasks (the decode pipeline's scheduling, the
+frozen-target build, Tune's bookkeeping) so that nothing waits forever for a free CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _free_port() -> int:
 
 
 def cpus_needed(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0) -> float:
-    """Logical CPUs for ``concurrent_runs`` training runs plus one for Ray Data."""
+    """Logical CPUs for ``concurrent_runs`` training runs plus one kept free."""
     t = cfg.train
     return concurrent_runs * (t.num_workers * t.cpus_per_worker + per_run_extra) + 1
 
@@ -56,5 +56,5 @@ def init_ray(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0, quiet: b
              dashboard_port=port)
     if num_cpus > cores and not quiet:
         print(f"local Ray: {num_cpus} logical CPUs on {cores} cores (a run needs {need - 1:g} for its workers"
-              f"{' and driver' if per_run_extra else ''}, the data pipeline 1 more)", file=sys.stderr)
+              f"{' and driver' if per_run_extra else ''}, 1 more kept free)", file=sys.stderr)
     return ray.cluster_resources()

@@ -56,6 +56,7 @@ class EntryReader:
     def __init__(self, cache_uri: str, keys: dict[str, str], hold: bool = False, threads: int = 4):
         self.cache_uri, self.keys, self.hold, self.threads = cache_uri, keys, hold, threads
         self.held: dict[str, np.ndarray] = {}
+        self.held_bytes = 0
         self._cache: ClipCache | None = None
 
     def _read(self, video_id: str) -> np.ndarray:
@@ -87,8 +88,9 @@ class EntryReader:
                 if nxt is not None:
                     pending.append((nxt, self._submit(pool, nxt)))
                 clips = fut.result()
-                if self.hold:
+                if self.hold and vid not in self.held:
                     self.held[vid] = clips
+                    self.held_bytes += clips.nbytes
                 yield vid, clips
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -142,7 +144,7 @@ class TrainShard:
         windows = [order[i:i + self.window * self.views] for i in range(0, len(order), self.window * self.views)]
         # one read per video and window, in first-use order
         reads = self.reader.read([v for win in windows for v in dict.fromkeys(x for x, _ in win)],
-                                 ahead=2 * self.window)
+                                 ahead=self.window)  # the window being batched and the next one in memory
         buf: list[tuple[str, int, np.ndarray]] = []
         for win in windows:
             got: dict[str, np.ndarray] = {}
@@ -175,12 +177,12 @@ class EvalShard:
     def batches(self, batch_size: int) -> Iterator[dict]:
         buf: list[tuple[str, int, np.ndarray]] = []
         for vid, clips in self.reader.read(self.own, ahead=4):
+            if self.reader.hold and self.reader.held_bytes > self.budget:
+                self.reader.held.clear()  # too big to keep: read again every epoch
+                self.reader.hold, self.reader.held_bytes = False, 0
             buf += [(vid, w, c) for w, c in enumerate(clips)]
             while len(buf) >= batch_size:
                 yield _batch(buf[:batch_size], self.labels)
                 buf = buf[batch_size:]
         if buf:
             yield _batch(buf, self.labels)
-        if sum(c.nbytes for c in self.reader.held.values()) > self.budget:
-            self.reader.held.clear()
-            self.reader.hold = False  # too big to keep: read again every epoch

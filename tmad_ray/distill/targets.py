@@ -12,6 +12,13 @@ per clip and step (never a crop whose targets were not computed), so a trial see
 each view instead of fresh random crops. The entries live beside the clip cache under
 ``targets/<key>/``, where the key covers the models' weights (checksums), the layers, K, the grid,
 the query rows and the tokenization: change any and the targets are computed again.
+
+Size and memory: ``entry_bytes`` gives an entry's size from the plan, so the study prints the
+whole cache's size first and refuses one above ``distill.target_cache_max_gb`` (at xd_violence's
+shapes an entry is ~220 MB: this is a cache for small clips or slow frozen forwards, not for
+thousands of 224² videos on GPUs). The build runs on the training workers' kind of device (Ray
+tasks, a GPU each with ``train.use_gpu``); a worker's ``TargetReader`` keeps only its trial's
+layers, in a least-recently-used store bounded by ``distill.target_cache_reader_mb``.
 """
 
 from __future__ import annotations

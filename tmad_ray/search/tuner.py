@@ -131,7 +131,7 @@ class StudyOutcome:
 
 
 def concurrent_trials(cfg, resources: dict) -> int:
-    """How many trials the cluster runs at once: CPUs (one kept for Ray Data) and GPUs per trial."""
+    """How many trials the cluster runs at once: CPUs (one kept free) and GPUs per trial."""
     t = cfg.train
     k = max(1, int((resources.get("CPU", 1) - 1) // (t.num_workers * t.cpus_per_worker + TRIAL_CPU)))
     if t.use_gpu:
