@@ -1,6 +1,7 @@
 """`tmad-ray data check` and `data cache` on a dataset with exactly five known problems."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -47,6 +48,24 @@ def test_exactly_the_five_problems(dataset_copy):
     matches(report.as_dict()["problems"], expected)
     assert report.videos == 16 + 5 and report.ok
     assert not check_dataset(str(dataset_copy), max_bad_fraction=0.1).ok
+
+
+def test_outside_paths_are_reported_never_probed_and_empty_classes_named(dataset_copy, monkeypatch):
+    opened = []
+    import tmad_ray.data.check as check
+
+    real_probe = check._probe_all
+    monkeypatch.setattr(check, "_probe_all", lambda paths, *a: opened.extend(paths) or real_probe(paths, *a))
+    (dataset_copy.parent / "outside.mp4").write_bytes((dataset_copy / "videos" / "A_0002.mp4").read_bytes())
+    with open(dataset_copy / "train.csv", "a") as f:
+        f.write("../outside.mp4 A\n/etc/passwd A\n../../../../etc/passwd B1\nvideos/missing.mp4 Q\n")
+    report = check_dataset(str(dataset_copy), max_bad_fraction=0.5)
+    outside = [p for p in report.problems if "outside the data root" in p.reason]
+    assert [p.path for p in outside] == ["../outside.mp4", "/etc/passwd", "../../../../etc/passwd"]
+    root = os.path.realpath(dataset_copy)
+    assert opened and all(os.path.realpath(o).startswith(root + os.sep) for o in opened)  # the decoder never saw them
+    assert report.empty_classes == ["Q"] and "without a usable train video" in report.summary()
+    assert report.as_dict()["empty_classes"] == ["Q"]
 
 
 def test_good_dataset_has_no_problem(synth_root):

@@ -88,3 +88,43 @@ def test_val_split_is_stratified_seeded_and_disjoint(tmp_path):
     assert [r.path for r in m1.rows["val"]] != [r.path for r in m3.rows["val"]]
     # Rows keep where they came from, for reports.
     assert all(r.file == "train.csv" and r.line > 0 for r in m1.rows["val"])
+
+
+@pytest.mark.parametrize("bad", ["../../outside.mp4", "/etc/hostname", "../../../../etc/passwd", "videos/link.mp4"])
+def test_paths_outside_the_data_root_are_problems_and_never_opened(tmp_path, bad):
+    root = tmp_path / "deep" / "er" / "ds"
+    touch_videos(root, "ok.mp4")
+    (tmp_path / "deep" / "outside.mp4").write_bytes(b"x")  # ../../outside.mp4 from ROOT exists
+    (root / "videos" / "link.mp4").symlink_to(tmp_path / "deep" / "outside.mp4")  # inside by name, outside in fact
+    write(root, "train.csv", f"videos/ok.mp4 A\n{bad} B\n")
+    m = load_manifest(root)
+    assert [r.path for r in m.rows["train"]] == ["videos/ok.mp4"] and m.labels == ["A"]
+    [p] = m.problems
+    assert p.path == bad and p.line == 2 and "outside the data root" in p.reason
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_path_or_a_header(tmp_path):
+    touch_videos(tmp_path, "1.mp4", "2.mp4")
+    (tmp_path / "train.csv").write_bytes("\ufeffvideos/1.mp4 A\nvideos/2.mp4 B\n".encode("utf-8"))
+    m = load_manifest(tmp_path)
+    assert [r.path for r in m.rows["train"]] == ["videos/1.mp4", "videos/2.mp4"] and not m.problems
+    (tmp_path / "train.csv").write_bytes("\ufeffpath,label\nvideos/1.mp4,A\nvideos/2.mp4,B\n".encode("utf-8"))
+    m = load_manifest(tmp_path)
+    assert m.labels == ["A", "B"] and not m.problems  # the header is a header, not a class 'label'
+
+
+def test_a_split_file_that_is_not_utf8_is_a_clear_error(tmp_path):
+    touch_videos(tmp_path, "1.mp4")
+    (tmp_path / "train.csv").write_bytes(b"videos/1.mp4 caf\xe9\n")
+    with pytest.raises(ManifestError, match="train.csv is not UTF-8 text"):
+        load_manifest(tmp_path)
+
+
+def test_labels_come_from_the_rows_that_survive(tmp_path):
+    touch_videos(tmp_path, "1.mp4", "2.mp4")
+    write(tmp_path, "train.csv", "videos/1.mp4 A\nvideos/2.mp4 B\nvideos/missing.mp4 Q\n")
+    write(tmp_path, "val.csv", "videos/1.mp4 Q\n")
+    m = load_manifest(tmp_path)
+    assert m.labels == ["A", "B"] and m.empty_classes == ["Q"]  # no empty class Q in the classifier
+    assert {(p.split_file, p.reason.split(" ")[0]) for p in m.problems} == {("train.csv", "missing"),
+                                                                           ("val.csv", "label")}

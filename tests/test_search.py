@@ -109,6 +109,40 @@ def test_a_killed_study_resumes_without_rerunning_finished_trials(synth_root, sm
     assert finished_before and all(after[t] == [1, 2] for t in finished_before)
 
 
+def test_ctrl_c_ends_a_study_as_interrupted_and_it_resumes(synth_root, smoke_zoo, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) in the first trial: nothing exported or
+    registered, the study and the unfinished trial KILLED in MLflow, the resume command printed, a
+    non-zero exit; then --resume finishes the study."""
+    args = [sys.executable, str(REPO / "tune.py"), "--config", str(REPO / "experiments" / "smoke.yaml"),
+            *study_overrides(tmp_path, synth_root, smoke_zoo, "search.num_samples=2", "train.epochs=2")]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(args, cwd=tmp_path, env=env(), stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and first.poll() is None and not any(
+                '"epoch_end"' in p.read_text() for p in (tmp_path / "out").glob("*/trials/*/train_log.jsonl")):
+            time.sleep(0.5)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        rc = first.wait(timeout=300)
+    out = (tmp_path / "first.log").read_text()
+    assert rc == 130, out[-3000:]
+    assert "interrupted: study smoke-" in out and "nothing was exported or registered" in out
+    assert "continue it with: python tune.py --config" in out and "--resume smoke-" in out
+    assert "Traceback" not in out.split("interrupted: study")[-1]
+    assert not list((tmp_path / "out").glob("*/best_student")) and not list((tmp_path / "out").glob("*/best.json"))
+    c, parents, children = study_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [p.info.status for p in parents] == ["KILLED"] and parents[0].data.tags["tune_status"] == "INTERRUPTED"
+    assert children and all(ch.info.status == "KILLED" for ch in children)
+    assert not c.search_model_versions("name='tmad_ray_student'")
+
+    study = out.split("--resume ")[-1].split()[0]
+    second = subprocess.run([*args, "--resume", study], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    check_study(tmp_path, n_trials=2, epochs=2)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

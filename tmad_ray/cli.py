@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
-from tmad_ray.config import ConfigError, load_config
+from tmad_ray.config import load_config
+from tmad_ray.errors import UserError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -91,6 +94,8 @@ def cmd_data_cache(args) -> int:
 
 def search_plan(cfg, manifest, report) -> str:
     """What a study of this config will run, in words."""
+    from tmad_ray.tracking import redact, resolve_tracking_uri
+
     s, t, d = cfg.search, cfg.train, cfg.distill
     split_sizes = ", ".join(f"{k} {len(v)}" for k, v in manifest.rows.items())
     space = ", ".join(f"{k} {getattr(s, k)} (log)" for k in ("alpha", "beta", "gamma", "delta"))
@@ -107,7 +112,7 @@ def search_plan(cfg, manifest, report) -> str:
         f"  trial     {t.num_workers} DDP workers x {t.cpus_per_worker:g} CPU{' + 1 GPU' if t.use_gpu else ''}, "
         f"{t.epochs} epochs, batch {t.batch_size}; defaults alpha={d.alpha} beta={d.beta} gamma={d.gamma} "
         f"delta={d.delta} T={d.temperature} layers={d.align_layers}",
-        f"  tracking  {cfg.tracking.tracking_uri} (experiment {cfg.tracking.experiment!r})",
+        f"  tracking  {redact(resolve_tracking_uri(cfg.tracking))} (experiment {cfg.tracking.experiment!r})",
     ]
     return "\n".join(lines)
 
@@ -123,17 +128,6 @@ def load_models(cfg, labels: list[str]) -> dict:
               "student": build_student(cfg.models.student, cfg.data, labels)}
     check_tokenization(models, cfg.data)
     return models
-
-
-def prepare_errors() -> tuple:
-    """The errors of preparing a study that are the user's to fix (printed, exit 1)."""
-    from tmad_ray.data.manifest import ManifestError
-    from tmad_ray.data.pipeline import DataError
-    from tmad_ray.models.amd import ConversionError, FetchError
-    from tmad_ray.models.hf import ModelError
-    from tmad_ray.distill.targets import TargetCacheError
-
-    return (DataError, ManifestError, ModelError, FetchError, ConversionError, TargetCacheError)
 
 
 def prepare_study(cfg):
@@ -168,29 +162,29 @@ def describe_models(models: dict) -> str:
 def cmd_tune(args) -> int:
     """The search: data cached once, then Tune + Optuna trials of Ray Train runs, tracked in MLflow."""
     from tmad_ray.cluster import init_ray
-    from tmad_ray.search.tuner import TRIAL_CPU, StudyError, check_layer_sets, mlflow_ui_command, run_study
+    from tmad_ray.search.tuner import TRIAL_CPU, StudyInterrupted, check_layer_sets, mlflow_ui_command, run_study
+    from tmad_ray.tracking import check_tracking_store, resolve_tracking_uri
 
     resume = args.resume
     if isinstance(resume, str) and "=" in resume:  # `--resume key=value`: an override, not a study name
         args.overrides, resume = [resume, *args.overrides], True
     cfg = load_config(args.config, args.overrides)  # config errors stop here, before Ray starts
+    check_tracking_store(resolve_tracking_uri(cfg.tracking))  # a dead server: seconds, not minutes after preparing
     resources = init_ray(cfg, per_run_extra=TRIAL_CPU)  # the cluster of `ray job submit`, else a local Ray
-    try:
-        manifest, report, models = prepare_study(cfg)
-        from tmad_ray.distill.trimodel import token_grid
+    from tmad_ray.distill.trimodel import token_grid
 
-        check_layer_sets(cfg, models["student"].config.num_hidden_layers, token_grid(models["student"].config))
-    except (*prepare_errors(), StudyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    manifest, report, models = prepare_study(cfg)
+    check_layer_sets(cfg, models["student"].config.num_hidden_layers, token_grid(models["student"].config))
     print(search_plan(cfg, manifest, report))
     print(describe_models(models))
     del models
     try:
         out = run_study(cfg, manifest, report, resources, resume=resume)
-    except StudyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except StudyInterrupted as e:
+        again = (["--config", args.config] if args.config else []) + list(args.overrides)
+        print(f"\ninterrupted: {e}\ncontinue it with: python tune.py {shlex.join(again + ['--resume', e.study])}",
+              file=sys.stderr)
+        return e.exit_code
     from tmad_ray.search.tuner import results_table
 
     print(f"\nstudy {out.name}: {len(out.rows)} trials")
@@ -224,11 +218,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     name = args.name or f"{cfg.name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
     init_ray(cfg)  # the cluster of `ray job submit`, else a local Ray sized for the run
-    try:
-        manifest, report, models = prepare_study(cfg)
-    except prepare_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    manifest, report, models = prepare_study(cfg)
     print(describe_models(models))
     del models
     outcome = fit(cfg, manifest, report, name)
@@ -364,11 +354,7 @@ def cmd_fetch_assistant(args) -> int:
 
     entry = amd.zoo_entry(args.arch, args.dataset, args.kind)
     dest = Path(args.dest or load_config(None).models.cache_dir) / entry.filename
-    try:
-        path = amd.fetch(entry.url, dest, sha256=args.sha256, file_id=entry.file_id)
-    except amd.FetchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    path = amd.fetch(entry.url, dest, sha256=args.sha256, file_id=entry.file_id)
     print(f"{path}\nsha256 {amd.sha256_file(path)}\n"
           f"use it with: models.assistant.path={path} models.assistant.arch={args.arch}"
           + (" models.assistant.kind=pretrain" if args.kind == "pretrain" else ""))
@@ -490,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. What the user can fix comes out as one line (``error: ...``, exit 2; 1 for a
+    download or a service that failed); a traceback only with ``--debug`` or ``TMAD_RAY_DEBUG=1``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TMAD_RAY_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # Overrides may come after options (`data check ROOT --json data.x=1`): collect them here.
     args, extra = parser.parse_known_args(argv)
@@ -499,6 +490,20 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {' '.join(str(e).split()) if len(str(e).splitlines()) == 1 else e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, or a failure nobody foresaw: still one line unless asked
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: {type(e).__name__}: {first}\n(run again with --debug, or TMAD_RAY_DEBUG=1, for the "
+              "traceback)", file=sys.stderr)
+        return 1

@@ -16,11 +16,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tmad_ray.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names every offending key."""
 
 
@@ -350,8 +352,20 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                              "quote it or close its brackets, e.g. 'distill.align_layers=[-1,-2]'") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
+
+
+def _yaml_problem(e: "yaml.YAMLError") -> str:
+    """'<problem> at line L, column C' from a YAML error, in one line."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}".replace("\n", " ")
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -393,8 +407,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     path = Path(path) if path is not None else EXPERIMENTS_DIR / "default.yaml"
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        tree = yaml.safe_load(f) or {}
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     apply_overrides(tree, list(overrides or []))

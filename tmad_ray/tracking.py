@@ -8,6 +8,9 @@ uses the fluent ``mlflow.start_run`` state, which would leave orphan runs in Ray
 The tracking URI: ``tracking.tracking_uri`` when the config sets it, else ``MLFLOW_TRACKING_URI``,
 else ``sqlite:///mlflow.db`` in the working directory (MLflow 3 refuses the old file store).
 A relative sqlite path is made absolute, because Tune changes the working directory of trials.
+``check_tracking_store`` tries the store before a study prepares anything. Secrets never reach
+MLflow, a file or the screen: ``redact`` hides a URI's user info and secret query values, and
+``log_params`` masks secret-named keys.
 """
 
 from __future__ import annotations
@@ -16,9 +19,78 @@ import json
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
+from tmad_ray.errors import UserError
+
 STUDY_TAG, TRIAL_TAG, PARENT_TAG = "tmad.study", "tmad.trial_id", "mlflow.parentRunId"
+
+# Config keys whose values are secrets wherever they appear, and secrets inside URIs.
+SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|access[_-]?key|credential)", re.IGNORECASE)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
+_SECRET_QUERY = re.compile(r"(?P<key>[?&][A-Za-z0-9_.\-]*(?:token|key|secret|password|passwd|signature|sig|"
+                           r"credential)=)[^&\s]+", re.IGNORECASE)
+
+
+class TrackingError(UserError):
+    pass
+
+
+def redact(text: str) -> str:
+    """A string with the secrets of any URI in it hidden: ``https://user:pw@host`` -> ``https://***@host``,
+    ``?token=abc`` -> ``?token=***``. For everything printed, stored or logged."""
+    return _SECRET_QUERY.sub(r"\g<key>***", _USERINFO.sub(r"\g<scheme>***@", str(text)))
+
+
+def redact_params(params: dict) -> dict:
+    """Params with secret-named keys masked and URIs redacted (what reaches MLflow's params)."""
+    return {k: ("***" if SECRET_KEY.search(k) and v not in (None, "", "null") else redact(v) if isinstance(v, str)
+                else v) for k, v in params.items()}
+
+
+def check_tracking_store(uri: str, timeout_s: float = 5.0, tries: int = 2) -> None:
+    """Fail in seconds, with what to do, when the tracking store cannot be used: a server that does not
+    answer or refuses the credentials, or a sqlite file whose directory is missing or read-only.
+    (MLflow's own client retries for minutes and then raises a long traceback.)"""
+    shown = redact(uri)
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        headers, auth = {}, None
+        if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+        elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+            auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+        reason = "no answer"
+        for attempt in range(tries):
+            try:
+                r = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                                 headers=headers, auth=auth, timeout=timeout_s)
+            except requests.RequestException as e:
+                reason = redact(str(e).splitlines()[0])[:160]
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            if r.status_code in (401, 403):
+                raise TrackingError(f"the MLflow tracking server {shown} refused the credentials (HTTP "
+                                    f"{r.status_code}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                                    "(or MLFLOW_TRACKING_TOKEN)")
+            if r.status_code < 500:
+                return
+            reason = f"HTTP {r.status_code}"
+        raise TrackingError(f"cannot reach the MLflow tracking server {shown} ({reason}; {tries} tries of "
+                            f"{timeout_s:g} s): start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`), or "
+                            "set MLFLOW_TRACKING_URI / tracking.tracking_uri to one that runs (sqlite:///mlflow.db "
+                            "needs no server)")
+    m = re.match(r"^sqlite:///(.+)$", uri)
+    if m:
+        folder = Path(m.group(1)).parent
+        if not folder.is_dir():
+            raise TrackingError(f"tracking store {shown}: the folder {folder} does not exist; create it or set "
+                                "tracking.tracking_uri to another sqlite:///<path>")
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"tracking store {shown}: the folder {folder} is not writable; set "
+                                "tracking.tracking_uri to a sqlite:///<path> you can write")
 
 
 def resolve_tracking_uri(tracking_cfg) -> str:
@@ -65,7 +137,7 @@ def log_params(c, run_id: str, params: dict) -> None:
     """Params are immutable in MLflow: a restarted trial logs the same values again, which is allowed."""
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    items = [Param(k, str(v)[:6000]) for k, v in redact_params(params).items()]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         c.log_batch(run_id, params=items[i:i + 100])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tmad_ray.data.clips import BadVideo, probe_video
 from tmad_ray.data.manifest import Problem, load_manifest
@@ -23,6 +23,7 @@ class CheckReport:
     videos: int  # lines of the split files (good and bad)
     problems: list[Problem]
     max_bad_fraction: float
+    empty_classes: list[str] = field(default_factory=list)  # in train.csv, but without one usable train video
 
     @property
     def ok(self) -> bool:
@@ -30,13 +31,15 @@ class CheckReport:
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "root": self.root, "videos": self.videos,
-                "max_bad_fraction": self.max_bad_fraction,
+                "max_bad_fraction": self.max_bad_fraction, "empty_classes": self.empty_classes,
                 "problems": [p.as_dict() for p in self.problems]}
 
     def summary(self) -> str:
         head = (f"{self.root}: {self.videos} videos listed, {len(self.problems)} problem(s) "
                 f"-> {'OK' if self.ok else 'FAIL'} (max_bad_fraction={self.max_bad_fraction})")
-        return "\n".join([head] + [f"  {p}" for p in self.problems])
+        empty = ([f"classes without a usable train video (not trained on): {', '.join(self.empty_classes)}"]
+                 if self.empty_classes else [])
+        return "\n".join([head] + [f"  {p}" for p in self.problems] + empty)
 
 
 def _probe_all(paths: list[str], timeout_s: float, workers: int) -> list[str | None]:
@@ -71,9 +74,13 @@ def check_dataset(root: str, label_mode: str = "as_is", max_bad_fraction: float 
     problems = list(manifest.problems)
     rows = manifest.all_rows()
     reasons = _probe_all([r.abspath(manifest.root) for r in rows], timeout_s, workers or os.cpu_count() or 1)
+    usable = set()
     for row, reason in zip(rows, reasons):
         if reason is not None:
             problems.append(Problem(row.path, reason, row.file, row.line))
+        elif row.split == "train" or (manifest.val_from_train and row.split == "val"):
+            usable.add(row.label)
+    empty = sorted((set(manifest.labels) | set(manifest.empty_classes)) - usable)
     # Every listed line counts, including those the manifest rejected.
     return CheckReport(root=manifest.root, videos=len(rows) + len(manifest.problems), problems=problems,
-                       max_bad_fraction=max_bad_fraction)
+                       max_bad_fraction=max_bad_fraction, empty_classes=empty)

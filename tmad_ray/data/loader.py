@@ -36,9 +36,10 @@ from typing import Iterator
 import numpy as np
 
 from tmad_ray.data.cache import ClipCache
+from tmad_ray.errors import UserError
 
 
-class LoaderError(RuntimeError):
+class LoaderError(UserError, RuntimeError):
     pass
 
 

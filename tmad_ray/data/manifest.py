@@ -1,12 +1,15 @@
 """Split files -> rows ``(path, label)``.
 
-Layout (DESIGN §3)::
+Layout::
 
     ROOT/train.csv  ROOT/val.csv  ROOT/test.csv  ROOT/videos/*.mp4
 
 A line is ``<path relative to ROOT> <label>`` (whitespace-separated) or ``path,label``
-(comma-separated, optional ``path,label`` header). Blank lines and ``#`` comments are ignored.
-The label set comes from train; a val/test label that train lacks is a problem naming the file
+(comma-separated, optional ``path,label`` header). Files are UTF-8, with or without a byte-order
+mark. Blank lines and ``#`` comments are ignored. A split file is data, often from someone else:
+a path that is absolute or resolves outside ROOT (after symlinks) is a problem, and the file is
+never opened. The label set comes from the train rows that survive (a class whose every train
+video is missing is not a class); a val/test label that train lacks is a problem naming the file
 and the line. Without val.csv, val is a seeded stratified split of train.
 
 Parsing never stops at the first problem: it collects them all (``Problem``), so ``data check``
@@ -21,6 +24,8 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tmad_ray.errors import UserError
 
 SPLITS = ("train", "val", "test")
 NORMAL, VIOLENT = "normal", "violent"
@@ -53,7 +58,7 @@ class Problem:
         return f"{where}{self.path}: {self.reason}"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     pass
 
 
@@ -64,6 +69,7 @@ class Manifest:
     labels: list[str]  # sorted label names; index = class id
     problems: list[Problem] = field(default_factory=list)
     val_from_train: bool = False
+    empty_classes: list[str] = field(default_factory=list)  # in train.csv, but none of their videos is usable
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -97,22 +103,33 @@ def map_label(raw: str, mode: str) -> str:
 def parse_split_file(path: Path) -> tuple[list[tuple[int, str, str]], list[Problem]]:
     """Lines of a split file -> ``[(line_no, video_path, raw_label)]`` and malformed-line problems."""
     entries, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for no, text in enumerate(f, start=1):
-            text = text.strip()
-            if not text or text.startswith("#"):
-                continue
-            parts = [p.strip() for p in text.split(",")] if "," in text else text.split()
-            if no == 1 and [p.lower() for p in parts] == ["path", "label"]:
-                continue
-            if len(parts) != 2 or not parts[0] or not parts[1]:
-                problems.append(
-                    Problem(path=path.name, reason=f"malformed line {text[:80]!r}: expected '<path> <label>'",
-                            split_file=path.name, line=no)
-                )
-                continue
-            entries.append((no, parts[0], parts[1]))
+    try:
+        content = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first path
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    for no, text in enumerate(content.splitlines(), start=1):
+        text = text.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = [p.strip() for p in text.split(",")] if "," in text else text.split()
+        if no == 1 and [p.lower() for p in parts] == ["path", "label"]:
+            continue
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            problems.append(
+                Problem(path=path.name, reason=f"malformed line {text[:80]!r}: expected '<path> <label>'",
+                        split_file=path.name, line=no)
+            )
+            continue
+        entries.append((no, parts[0], parts[1]))
     return entries, problems
+
+
+def outside(root_real: str, path: str) -> bool:
+    """Whether a split file's ``path`` is absolute or resolves (symlinks too) outside the real ``root_real``."""
+    if os.path.isabs(path):
+        return True
+    full = os.path.realpath(os.path.join(root_real, path))
+    return os.path.commonpath([full, root_real]) != root_real
 
 
 def stratified_split(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
@@ -142,13 +159,27 @@ def load_manifest(root: str | os.PathLike, label_mode: str = "as_is", val_fracti
 
     rows: dict[str, list[Row]] = {}
     problems: list[Problem] = []
+    root_real = os.path.realpath(root_p)
+    listed_labels: set[str] = set()
     for split in SPLITS:
         split_path = root_p / f"{split}.csv"
         if not split_path.is_file():
             continue
         entries, bad = parse_split_file(split_path)
         problems += bad
-        rows[split] = [Row(p, map_label(raw, label_mode), split, no, split_path.name) for no, p, raw in entries]
+        kept = []
+        for no, p, raw in entries:
+            row = Row(p, map_label(raw, label_mode), split, no, split_path.name)
+            if split == "train":
+                listed_labels.add(row.label)
+            if outside(root_real, p):
+                problems.append(Problem(path=p, reason="path outside the data root (absolute, '..' or a symlink "
+                                        "out of it): not opened", split_file=row.file, line=no))
+            elif check_files and not os.path.isfile(os.path.join(root_real, p)):
+                problems.append(Problem(path=p, reason="missing video", split_file=row.file, line=no))
+            else:
+                kept.append(row)
+        rows[split] = kept
 
     labels = sorted({r.label for r in rows["train"]})
     if not labels:
@@ -165,20 +196,9 @@ def load_manifest(root: str | os.PathLike, label_mode: str = "as_is", val_fracti
         if split in rows:
             rows[split] = kept
 
-    if check_files:
-        for split in SPLITS:
-            kept = []
-            for r in rows.get(split, []):
-                if os.path.isfile(r.abspath(str(root_p))):
-                    kept.append(r)
-                else:
-                    problems.append(Problem(path=r.path, reason="missing video", split_file=r.file, line=r.line))
-            if split in rows:
-                rows[split] = kept
-
     val_from_train = "val" not in rows
     if val_from_train:
         rows["train"], rows["val"] = stratified_split(rows["train"], val_fraction, split_seed)
     rows.setdefault("test", [])
     return Manifest(root=str(root_p.resolve()), rows=rows, labels=labels, problems=problems,
-                    val_from_train=val_from_train)
+                    val_from_train=val_from_train, empty_classes=sorted(listed_labels - known))

@@ -25,11 +25,12 @@ from tmad_ray.data.cache import ClipCache, video_key
 from tmad_ray.data.clips import BadVideo, ViewSpec, decode_views
 from tmad_ray.data.manifest import Manifest, Problem
 from tmad_ray.data.sandbox import Sandbox
+from tmad_ray.errors import UserError
 
 MODES = {"train": "train", "val": "eval", "test": "eval"}
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     pass
 
 

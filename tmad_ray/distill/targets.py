@@ -37,6 +37,7 @@ from tmad_ray.data.cache import ClipCache
 from tmad_ray.distill import losses
 from tmad_ray.distill.trimodel import capture, map_layer, resolve_layer, same_labels, token_grid
 from tmad_ray.data.normalize import normalize
+from tmad_ray.errors import UserError
 
 AUG_VERSION = 1
 
@@ -147,7 +148,7 @@ def plan(cfg, student_depth: int, frozen: dict[str, torch.nn.Module], labels: li
     return spec
 
 
-class TargetCacheError(RuntimeError):
+class TargetCacheError(UserError, RuntimeError):
     pass
 
 

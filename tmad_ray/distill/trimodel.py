@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 
 from tmad_ray.distill import losses
+from tmad_ray.errors import UserError
 
 
-class LayerError(ValueError):
+class LayerError(UserError, ValueError):
     pass
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from transformers import VideoMAEConfig
 
+from tmad_ray.errors import UserError
+
 # ------------------------------------------------------------------------------------ zoo
 
 
@@ -79,8 +81,8 @@ def zoo_entry(arch: str, dataset: str, kind: str = "finetune") -> ZooEntry:
 # ------------------------------------------------------------------------------ download
 
 
-class FetchError(RuntimeError):
-    pass
+class FetchError(UserError, RuntimeError):
+    exit_code = 1  # the network or the host: may work on a second try
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -166,7 +168,7 @@ def _check_torch_file(path: Path) -> None:
 # ---------------------------------------------------------------------------- conversion
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     pass
 
 
@@ -186,11 +188,26 @@ def amd_config(arch: str, num_labels: int, image_size: int = 224, num_frames: in
 
 def load_amd_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], argparse.Namespace | None]:
     """Read an AMD checkpoint safely: tensors, containers and ``argparse.Namespace`` only."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not magic:
+        raise ConversionError(f"{path} is empty (0 bytes): download it again (tmad-ray fetch-assistant)")
+    if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        raise ConversionError(f"{path} is truncated (its zip directory is missing): download it again "
+                              "(tmad-ray fetch-assistant)")
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ConversionError(f"cannot read {path} as a PyTorch checkpoint with weights_only=True: {e}") from None
+        except Exception as e:  # torch raises many kinds here; the reason goes in the message
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConversionError(f"cannot read {path} as a PyTorch checkpoint (weights_only=True): {reason}. "
+                                  "Only tensors and argparse.Namespace are accepted; a truncated or foreign file "
+                                  "is refused") from None
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     for wrapper in ("module", "model", "state_dict"):

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification, VideoMAEModel
 
+from tmad_ray.errors import UserError
 from tmad_ray.models import amd
 
 STUDENT_PRESETS = {"vit-tiny": (12, 192, 3), "vit-s": (12, 384, 6), "vit-b": (12, 768, 12)}  # depth, width, heads
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     pass
 
 
@@ -43,10 +44,18 @@ def video_config(depth: int, width: int, heads: int, *, image_size: int, num_fra
 
 
 def _how_to_provide(name: str) -> str:
+    if Path(name).is_dir():
+        return (f"{name} is a local directory: write it again with save_pretrained (config.json and "
+                "model.safetensors, complete), or point models.teacher.name / models.student.name at one that is")
     return (f"Provide it as a local directory written by save_pretrained (set models.teacher.name / "
             f"models.student.name to that directory), or download it once where there is internet "
             f"(`hf download {name}`) and copy the Hugging Face cache (~/.cache/huggingface) here, "
-            f"or set HF_HUB_OFFLINE=0 if this machine can reach the hub.")
+            f"or set HF_HUB_OFFLINE=0 if this machine can reach the hub")
+
+
+def _cannot_load(name: str, e: Exception) -> ModelError:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ModelError(f"cannot load model {name!r}: {reason}. {_how_to_provide(name)}")
 
 
 def _resolve_config(name: str) -> VideoMAEConfig:
@@ -57,7 +66,18 @@ def _resolve_config(name: str) -> VideoMAEConfig:
     try:
         return VideoMAEConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0]}\n{_how_to_provide(name)}") from None
+        raise _cannot_load(name, e) from None
+
+
+def _from_pretrained(cls, name: str, **kwargs):
+    """``cls.from_pretrained`` with every way a model directory can be broken (no weights, a truncated
+    safetensors file, a foreign file) turned into one ``ModelError`` that says what to do."""
+    from safetensors import SafetensorError
+
+    try:
+        return cls.from_pretrained(name, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise _cannot_load(name, e) from None
 
 
 def load_teacher(name: str) -> torch.nn.Module:
@@ -65,10 +85,7 @@ def load_teacher(name: str) -> torch.nn.Module:
     config = _resolve_config(name)
     with_head = any("ForVideoClassification" in a for a in (config.architectures or []))
     cls = VideoMAEForVideoClassification if with_head else VideoMAEModel
-    try:
-        model, info = cls.from_pretrained(name, output_loading_info=True)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model {name!r}: {str(e).splitlines()[0]}\n{_how_to_provide(name)}") from None
+    model, info = _from_pretrained(cls, name)
     if info.get("missing_keys"):
         raise ModelError(f"{name}: weights missing from the checkpoint: {sorted(info['missing_keys'])[:10]} "
                          "(they would be random; refusing)")
@@ -80,9 +97,9 @@ def build_student(student_cfg, data_cfg, labels: list[str]) -> VideoMAEForVideoC
     s = student_cfg
     if s.name is not None:
         _resolve_config(s.name)  # a clear error when it cannot be found
-        model, info = VideoMAEForVideoClassification.from_pretrained(
-            s.name, id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-            ignore_mismatched_sizes=True, output_loading_info=True)
+        model, info = _from_pretrained(
+            VideoMAEForVideoClassification, s.name, id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
         # Only the classifier (new labels) and its norm may be new; a missing backbone weight is an error.
         mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
         new = [k for k in [*info.get("missing_keys", []), *mismatched]

@@ -24,14 +24,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmad_ray import tracking
+from tmad_ray.errors import UserError
 from tmad_ray.search.space import WEIGHTS, apply_params, distributions, space_for
 
 TRIAL_CPU = 1
 STATE_FILE = "tmad_study.json"  # beside Tune's experiment state: the parent run and what the study is
 
 
-class StudyError(RuntimeError):
+class StudyError(UserError, RuntimeError):
     pass
+
+
+class StudyInterrupted(UserError):
+    """Ctrl-C (SIGINT) or SIGUSR1 during a study: nothing is exported or registered."""
+
+    exit_code = 130  # what a shell reports for a command ended by SIGINT
+
+    def __init__(self, message: str, study: str):
+        super().__init__(message)
+        self.study = study
 
 
 class Storage:
@@ -234,7 +245,7 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
     else:
         parent = tracking.open_parent(c, exp_id, name)
         storage.write_text(json.dumps({"name": name, "parent_run_id": parent, "experiment_id": exp_id,
-                                       "tracking_uri": uri}, indent=1), name, STATE_FILE)
+                                       "tracking_uri": tracking.redact(uri)}, indent=1), name, STATE_FILE)
         log_study_start(c, parent, cfg)
     study = {"name": name, "cfg": cfg.model_dump(), "manifest": manifest, "report": report, "tracking_uri": uri,
              "experiment_id": exp_id, "parent_run_id": parent, "trials_dir": str(out_dir / "trials"),
@@ -243,14 +254,44 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
     log(f"study {name}: {cfg.search.num_samples} trials, up to {k} at a time "
         f"({cfg.train.num_workers} DDP workers each); Ray results in {exp_dir}")
     tuner = build_tuner(cfg, study, k, exp_dir if resuming else None)
+    grid = None
     try:
+        # Tune catches SIGINT itself: it saves the experiment and returns from fit() as if done
         grid = tuner.fit()
+        statuses = trial_statuses(grid)
+        if len(statuses) < cfg.search.num_samples or set(statuses.values()) - {"TERMINATED", "ERROR"}:
+            raise KeyboardInterrupt
         outcome = finish_study(c, cfg, grid, name, parent, uri, out_dir)
+    except KeyboardInterrupt:  # Tune's interrupt, or a second Ctrl-C while it was saving
+        done = end_interrupted(c, cfg, name, parent, grid)
+        raise StudyInterrupted(
+            f"study {name} interrupted: {done} of {cfg.search.num_samples} trials finished; nothing was exported "
+            "or registered (MLflow: the study and its unfinished trials are KILLED)", name) from None
     except BaseException:
         c.set_terminated(parent, status="FAILED")
         raise
     c.set_terminated(parent, status="FINISHED")
     return outcome
+
+
+def trial_statuses(grid) -> dict[str, str]:
+    """Tune's status of every trial it has (TERMINATED, ERROR, RUNNING, PENDING, PAUSED), by trial id.
+    ResultGrid keeps them on its analysis object only (Ray 2.60)."""
+    return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+
+
+def end_interrupted(c, cfg, study: str, parent: str, grid) -> int:
+    """Close an interrupted study's MLflow runs: the trials Tune finished as they ended, the others and
+    the study KILLED; returns how many trials finished."""
+    statuses = trial_statuses(grid) if grid is not None else {}
+    rows = trial_rows(grid, cfg, study) if grid is not None else []
+    for r in rows:
+        if statuses.get(r["trial"]) not in ("TERMINATED", "ERROR"):
+            r["status"] = "INTERRUPTED"
+    close_trial_runs(c, cfg, study, rows)
+    c.set_tag(parent, "tune_status", "INTERRUPTED")
+    c.set_terminated(parent, status="KILLED")
+    return sum(s == "TERMINATED" for s in statuses.values())
 
 
 def log_study_start(c, parent: str, cfg) -> None:
@@ -430,7 +471,8 @@ def close_trial_runs(c, cfg, study: str, rows: list[dict]) -> None:
         c.set_tag(run.info.run_id, "tune_status", st or "unknown")
         if row.get("error"):
             c.set_tag(run.info.run_id, "tune_error", row["error"])
-        c.set_terminated(run.info.run_id, status={"ERROR": "FAILED", "": "KILLED"}.get(st, "FINISHED"))
+        c.set_terminated(run.info.run_id, status={"ERROR": "FAILED", "": "KILLED",
+                                                  "INTERRUPTED": "KILLED"}.get(st, "FINISHED"))
 
 
 def register(c, model_name: str, parent: str, study: str) -> int:
@@ -519,6 +561,7 @@ def _save(plt, path: Path) -> str:
 
 
 def mlflow_ui_command(uri: str) -> str:
+    uri = tracking.redact(uri)
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite") \
         else f"open {uri} in a browser"
 
