@@ -313,7 +313,7 @@ def cmd_bench_gpu(args) -> int:
 def cmd_rehearse(args) -> int:
     from tmad_ray.bench.rehearse import run_rehearsal
 
-    run_rehearsal(args.out, work=args.dir, tiny=args.tiny)
+    run_rehearsal(args.out, work=args.dir, tiny=args.tiny, trials=args.trials)
     return 0
 
 
@@ -463,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench/rehearse.json")
     p.add_argument("--dir", default="rehearse", help="working directory (data, models, caches, MLflow, outputs)")
     p.add_argument("--tiny", action="store_true", help="toy sizes (what the tests run)")
+    p.add_argument("--trials", type=int, default=2)
     p.set_defaults(fn=cmd_rehearse)
     p = bench.add_parser("quality", help="test accuracy: CE-only vs the searched distillation vs each term off")
     p.add_argument("--out", default="bench/quality.json")

@@ -96,7 +96,7 @@ def make_models(out: Path, sizes: dict, image_size: int, num_frames: int, patch:
     return overrides
 
 
-def study_overrides(work: Path, sizes: dict) -> list[str]:
+def study_overrides(work: Path, sizes: dict, trials: int) -> list[str]:
     s = sizes
     return [
         "name=rehearse", f"data.root={work / 'data'}", "data.label_mode=first", "data.sampling=stride",
@@ -106,21 +106,21 @@ def study_overrides(work: Path, sizes: dict) -> list[str]:
         f"distill.align_layers={s['layers']}", f"distill.attn_query_tokens={s['query']}",
         "train.num_workers=2", "train.use_gpu=false", "train.cpus_per_worker=1", "train.epochs=1",
         "train.batch_size=2", "train.grad_accum=2", "train.hold_in_memory_mb=0",
-        "search.num_samples=2", "search.grace_period=1", f"search.align_layer_sets={s['layer_sets']}",
+        f"search.num_samples={trials}", "search.grace_period=1", f"search.align_layer_sets={s['layer_sets']}",
         f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=rehearse",
         f"storage.clip_cache={work / 'cache'}", f"storage.ray_results={work / 'ray_results'}",
         f"storage.output_dir={work / 'outputs'}",
     ]
 
 
-def run_rehearsal(out: str, work: str = "rehearse", tiny: bool = False, log=print) -> dict:
+def run_rehearsal(out: str, work: str = "rehearse", tiny: bool = False, trials: int = 2, log=print) -> dict:
     sizes = TINY if tiny else REAL
     work_p = Path(work).resolve()
     work_p.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     make_data(work_p / "data", sizes["size"], sizes["frames"])
     overrides = make_models(work_p, sizes, sizes["image_size"], sizes["num_frames"], sizes["patch"])
-    overrides += study_overrides(work_p, sizes)
+    overrides += study_overrides(work_p, sizes, trials)
     setup_s = time.perf_counter() - t0
     cmd = [sys.executable, str(REPO / "tune.py"), "--config", str(REPO / "experiments" / "xd_violence.yaml"),
            *overrides]

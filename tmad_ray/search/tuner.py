@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -255,11 +256,15 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
         f"({cfg.train.num_workers} DDP workers each); Ray results in {exp_dir}")
     tuner = build_tuner(cfg, study, k, exp_dir if resuming else None)
     grid = None
+    # Tune catches SIGINT itself: it saves the experiment and returns from fit() as if it were done,
+    # after putting back the handler it found. Ours is that handler, so seeing it back says "interrupted".
+    interrupt = InterruptWatch()
     try:
-        # Tune catches SIGINT itself: it saves the experiment and returns from fit() as if done
-        grid = tuner.fit()
+        with interrupt:
+            grid = tuner.fit()
         statuses = trial_statuses(grid)
-        if len(statuses) < cfg.search.num_samples or set(statuses.values()) - {"TERMINATED", "ERROR"}:
+        if interrupt.seen or len(statuses) < cfg.search.num_samples or \
+                set(statuses.values()) - {"TERMINATED", "ERROR"}:
             raise KeyboardInterrupt
         outcome = finish_study(c, cfg, grid, name, parent, uri, out_dir)
     except KeyboardInterrupt:  # Tune's interrupt, or a second Ctrl-C while it was saving
@@ -272,6 +277,36 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
         raise
     c.set_terminated(parent, status="FINISHED")
     return outcome
+
+
+class InterruptWatch:
+    """Around ``tuner.fit()``. Tune replaces the SIGINT handler for the run and, on Ctrl-C (or SIGUSR1),
+    saves the experiment, puts back the handler it found (ours) and returns. So ours being back at
+    the end means "interrupted" (``seen``); a second Ctrl-C, while Tune saves, raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.seen, self.previous = False, None
+
+    @staticmethod
+    def _handler(sig, frame):
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and \
+                os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0":  # else Ctrl-C raises in fit() itself
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            self.seen = signal.getsignal(signal.SIGINT) is self._handler
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def trial_statuses(grid) -> dict[str, str]:

@@ -160,7 +160,7 @@ def train_epoch(tri: TriModel, shard, optimizer, scheduler, cfg, device, epoch: 
     summed loss terms and counts (to be all-reduced) and the step times."""
     t = cfg.train
     tri.trainable.train()
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     n, step, seen, times = 0, 0, [], []
     no_sync = getattr(tri.trainable, "no_sync", None)  # DDP's; None with one worker
     for step, batch in enumerate(shard.batches(epoch), start=1):
@@ -184,8 +184,8 @@ def train_epoch(tri: TriModel, shard, optimizer, scheduler, cfg, device, epoch: 
         if sync:
             _optimizer_step(tri, optimizer, scheduler, t.grad_clip)
         for k, v in out.items():
-            if k != "logits":
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
+            if k != "logits":  # summed on the device: no host sync per loss term and step
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * len(y)
         n += len(y)
         seen += [f"{v}#{w}" for v, w in zip(batch["video_id"], batch["view"])]
         if device.type == "cuda":
@@ -193,7 +193,7 @@ def train_epoch(tri: TriModel, shard, optimizer, scheduler, cfg, device, epoch: 
         times.append(time.perf_counter() - t0)
     if step != shard.steps:
         raise RuntimeError(f"rank trained {step} steps, expected {shard.steps}: the ranks would fall out of step")
-    return {"sums": sums, "n": n, "steps": step, "seen": seen, "step_times": times}
+    return {"sums": {k: float(v) for k, v in sums.items()}, "n": n, "steps": step, "seen": seen, "step_times": times}
 
 
 def _optimizer_step(tri, optimizer, scheduler, grad_clip) -> None:
