@@ -262,13 +262,13 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
     try:
         with interrupt:
             grid = tuner.fit()
-        statuses = trial_statuses(grid)
+        statuses = saved_statuses(exp_dir)
         if interrupt.seen or len(statuses) < cfg.search.num_samples or \
                 set(statuses.values()) - {"TERMINATED", "ERROR"}:
             raise KeyboardInterrupt
         outcome = finish_study(c, cfg, grid, name, parent, uri, out_dir)
     except KeyboardInterrupt:  # Tune's interrupt, or a second Ctrl-C while it was saving
-        done = end_interrupted(c, cfg, name, parent, grid)
+        done = end_interrupted(c, cfg, name, parent, grid, exp_dir)
         raise StudyInterrupted(
             f"study {name} interrupted: {done} of {cfg.search.num_samples} trials finished; nothing was exported "
             "or registered (MLflow: the study and its unfinished trials are KILLED)", name) from None
@@ -309,16 +309,19 @@ class InterruptWatch:
         return False
 
 
-def trial_statuses(grid) -> dict[str, str]:
-    """Tune's status of every trial it has (TERMINATED, ERROR, RUNNING, PENDING, PAUSED), by trial id.
-    ResultGrid keeps them on its analysis object only (Ray 2.60)."""
-    return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+def saved_statuses(exp_dir: str) -> dict[str, str]:
+    """Every trial's status (TERMINATED, ERROR, RUNNING, PENDING, PAUSED) by trial id, as Tune saved the
+    experiment at the end of ``fit()``. Not the statuses of the ResultGrid: after saving, Tune's cleanup
+    marks every trial still running TERMINATED, so an interrupted trial looks finished there."""
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id: t.status for t in ExperimentAnalysis(exp_dir).trials}
 
 
-def end_interrupted(c, cfg, study: str, parent: str, grid) -> int:
+def end_interrupted(c, cfg, study: str, parent: str, grid, exp_dir: str) -> int:
     """Close an interrupted study's MLflow runs: the trials Tune finished as they ended, the others and
     the study KILLED; returns how many trials finished."""
-    statuses = trial_statuses(grid) if grid is not None else {}
+    statuses = saved_statuses(exp_dir) if grid is not None else {}
     rows = trial_rows(grid, cfg, study) if grid is not None else []
     for r in rows:
         if statuses.get(r["trial"]) not in ("TERMINATED", "ERROR"):
