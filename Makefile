@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-fast bench bench-quality bench-gpu rehearse venv clean
+.PHONY: demo test test-fast bench bench-quality bench-gpu rehearse venv browser clean screenshots
 
 $(BIN)/tmad-ray: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,13 @@ venv: $(BIN)/tmad-ray
 demo: venv
 	$(BIN)/python tune.py
 
-test: venv
+# The browser test drives Debian's Chromium (Playwright cannot download its own browser here).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: venv browser
 	$(BIN)/python -m pytest -q
 
 test-fast: venv
@@ -42,6 +48,10 @@ rehearse: venv
 # On a machine with a GPU (a few minutes).
 bench-gpu: venv
 	$(BIN)/tmad-ray bench gpu --out bench/gpu.json
+
+# The README's MLflow screenshots (docs/img), from the browser test's smoke study.
+screenshots: venv browser
+	TMAD_RAY_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q tests/test_search.py -k "browser"
 
 clean:
 	rm -rf $(VENV) data cache ray_results outputs mlflow.db mlruns zoo zoo_smoke rehearse .pytest_cache

@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
 
@@ -40,9 +41,11 @@ def study_runs(uri: str, experiment: str = "tmad_ray"):
     return c, parents, children
 
 
-def check_study(tmp_path, n_trials: int, epochs: int):
+def check_study(tmp_path, n_trials: int, epochs: int, root=None):
     """One parent, one child per trial with its params and per-epoch metrics, nothing left RUNNING,
-    the best student exported (loads with from_pretrained) and registered."""
+    each child ended when its trial did and named by its number and recipe, the parent's params
+    short, the best student exported (loads with from_pretrained) and registered as an MLflow model
+    from the trial that trained it."""
     from transformers import VideoMAEForVideoClassification
 
     c, parents, children = study_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -50,23 +53,47 @@ def check_study(tmp_path, n_trials: int, epochs: int):
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags.get("mlflow.source.git.commit")
     assert {c_.data.tags[tracking.PARENT_TAG] for c_ in children} == {parent.info.run_id}
+    ends = []
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"alpha", "beta", "gamma", "delta", "temperature", "align_layers", "epochs"} <= set(child.data.params)
+        assert child.data.params["align_layers"].startswith("[")  # never a number to MLflow's charts
+        number = child.data.params["trial_number"]
+        assert child.info.run_name.startswith(f"#{number} val ") and " a=" in child.info.run_name
+        assert child.data.tags[tracking.NOTE_TAG].startswith(f"Trial #{number} of study")
         history = c.get_metric_history(child.info.run_id, "val_accuracy")
         assert 1 <= len(history) and sorted({m.step for m in history}) == list(range(1, max(m.step for m in history) + 1))
+        best = {m.step: m.value for m in c.get_metric_history(child.info.run_id, "best_val_accuracy")}
+        by_step = {m.step: m.value for m in history}
+        assert all(best[s] == max(v for k, v in by_step.items() if k <= s) for s in by_step)  # the best so far
         assert {"train_ce", "train_feat", "val_macro_f1", "clips_per_s", "best_val_accuracy"} <= set(child.data.metrics)
         assert {a.path for a in c.list_artifacts(child.info.run_id)} >= {"confusion_matrix.png", "per_class.json"}
+        last_epoch = max(m.timestamp for m in c.get_metric_history(child.info.run_id, "epoch"))
+        assert -1000 <= child.info.end_time - last_epoch < 60_000  # its trial's end (Tune's whole seconds)
+        ends.append(child.info.end_time)
+    assert len(set(ends)) == n_trials
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
-    assert {"config.yaml", "search_space.json", "results.md", "results.csv", "optuna_history.png",
-            "best_student"} <= arts
-    assert "best.alpha" in parent.data.params and "best_val_accuracy" in parent.data.metrics
+    assert {"config.yaml", "search_space.json", "results.md", "results.csv", "optuna_history.png"} <= arts
+    searched = ("alpha", "beta", "gamma", "delta", "temperature", "layers")
+    assert not any(w in k for k in parent.data.params for w in searched) and len(parent.data.params) <= 12
+    assert "best_val_accuracy" in parent.data.metrics
+    best_trial = parent.data.tags["best_trial"].split("(")[1].rstrip(")")
+    best_child = next(ch for ch in children if ch.data.tags[tracking.TRIAL_TAG] == best_trial)
     versions = c.search_model_versions("name='tmad_ray_student'")
-    assert [v.run_id for v in versions] == [parent.info.run_id]
+    assert [v.run_id for v in versions] == [best_child.info.run_id]  # the trial that trained it
+    assert c.get_model_version_by_alias("tmad_ray_student", "champion").run_id == best_child.info.run_id
+    assert versions[0].tags["alpha"] == f"{float(best_child.data.params['alpha']):.4g}"
     studies = [p for p in (tmp_path / "out").iterdir() if (p / "best_student").is_dir()]
     assert len(studies) == 1
     model = VideoMAEForVideoClassification.from_pretrained(studies[0] / "best_student")
     assert model.config.id2label == {0: "A", 1: "B1", 2: "B2", 3: "G"}
+    if root is not None:  # the registered version is an MLflow model that classifies a video
+        import mlflow
+
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        video = sorted((root / "videos").glob("*.mp4"))[0]
+        out = mlflow.pyfunc.load_model("models:/tmad_ray_student@champion").predict([str(video)])
+        assert out["label"][0] in {"A", "B1", "B2", "G"} and pd.isna(out["error"][0])
     return parent, children
 
 
@@ -163,7 +190,11 @@ def stop_head(temp_dir: str) -> None:
         p.kill()
 
 
-def test_ray_job_submit_runs_the_smoke_study_on_a_local_head(synth_root, smoke_zoo, tmp_path):
+@pytest.fixture(scope="module")
+def submitted_study(synth_root, smoke_zoo, tmp_path_factory):
+    """The smoke study (2 trials x 2 epochs) submitted with `ray job submit` to a `ray start --head`
+    on this machine; returns (its folder, the job's output). Shared by the tests that read the study."""
+    tmp_path = tmp_path_factory.mktemp("submitted")
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     gcs, dash = free_port(), free_port()
     start = subprocess.run(
@@ -183,12 +214,72 @@ def test_ray_job_submit_runs_the_smoke_study_on_a_local_head(synth_root, smoke_z
             if "No available agent to submit job" not in out:
                 break
             time.sleep(10)  # the head's job agent is still starting (Ray says: try again later)
-        assert submit.returncode == 0 and "succeeded" in out, out[-5000:]
-        assert "best student:" in out and "mlflow ui --backend-store-uri" in out
-        assert "Started a local Ray instance" not in out  # it attached to the head
     finally:
         stop_head(temp_dir)
-    check_study(tmp_path, n_trials=2, epochs=2)
+    return tmp_path, submit.returncode, out
+
+
+def test_ray_job_submit_runs_the_smoke_study_on_a_local_head(submitted_study, synth_root):
+    tmp_path, rc, out = submitted_study
+    assert rc == 0 and "succeeded" in out, out[-5000:]
+    assert "best student:" in out and "mlflow ui --backend-store-uri" in out
+    assert "Started a local Ray instance" not in out  # it attached to the head
+    assert "workflowType=machine_learning" in out and "models:/tmad_ray_student@champion" in out
+    # what the user watches: Tune's table with the metric, the best so far and the recipe; no library noise
+    assert "best so far" in out and "| layers" in out
+    assert "Current best trial:" in out and "best_val_accuracy=" in out
+    for noise in ("PreemptionWatcher", "A run snapshot was found", "ExperimentalWarning", "Loading weights",
+                  "Downloading artifacts", "Successfully registered model", "INFO mlflow", "(RayTrainWorker"):
+        assert noise not in out, noise
+    check_study(tmp_path, n_trials=2, epochs=2, root=synth_root)
+
+
+def test_the_mlflow_ui_shows_the_study_in_a_browser(submitted_study):
+    """`mlflow server` over the finished study, read in headless Chromium: the runs view lists the
+    study with its trials nested and named by recipe, a trial's page charts val_accuracy over epochs,
+    the compare page plots the recipe against the best score, the registered version shows the recipe.
+    Screenshots land in $TMAD_RAY_SCREENSHOTS when it is set (the README's pictures)."""
+    from mlflow_browser import (browser, close_assistant, compare_url, expand_parents, mlflow_server, runs_url,
+                                search_charts, wait_for_text)
+
+    tmp_path, rc, _ = submitted_study
+    assert rc == 0
+    c, parents, children = study_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp, study = parents[0].info.experiment_id, parents[0].info.run_name
+    shots = Path(os.environ["TMAD_RAY_SCREENSHOTS"]) if os.environ.get("TMAD_RAY_SCREENSHOTS") else tmp_path
+    shots.mkdir(parents=True, exist_ok=True)
+    names = [ch.info.run_name for ch in children]
+    with mlflow_server(tmp_path) as url, browser() as d:
+        d.get(runs_url(url, exp))  # the link tune.py prints, without its sort
+        wait_for_text(d, study[:16])
+        close_assistant(d)
+        expand_parents(d)
+        body = wait_for_text(d, *(n[:12] for n in names))  # the trials, nested under the study
+        assert "GenAI apps" not in body
+        d.get(runs_url(url, exp) + "&orderByKey=metrics.%60best_val_accuracy%60&orderByAsc=false")
+        wait_for_text(d, "Sort: best_val_accuracy", *(n[:12] for n in names))
+        close_assistant(d)
+        d.save_screenshot(str(shots / "mlflow_runs.png"))
+
+        best = max(children, key=lambda ch: ch.data.metrics["best_val_accuracy"])
+        d.get(f"{url}/#/experiments/{exp}/runs/{best.info.run_id}/model-metrics?workflowType=machine_learning")
+        wait_for_text(d, best.info.run_name[:12], "Model metrics")
+        close_assistant(d)
+        search_charts(d, "val_accuracy")  # the charts render lazily: filter to the ones asked for
+        wait_for_text(d, "best_val_accuracy", "(val_accuracy)", "(best_val_accuracy)")
+        d.save_screenshot(str(shots / "mlflow_trial.png"))
+
+        d.get(compare_url(url, exp, [ch.info.run_id for ch in children]))
+        body = wait_for_text(d, "Parallel Coordinates Plot", "best_val_accuracy", "align_layers", "alpha")
+        assert "[-1" in body  # the layer sets as categories, every trial plotted
+        time.sleep(2)
+        d.save_screenshot(str(shots / "mlflow_compare.png"))
+
+        d.get(f"{url}/#/models/tmad_ray_student/versions/1?workflowType=machine_learning")
+        body = wait_for_text(d, "champion", "alpha", "temperature", "align_layers", "test_accuracy", "Schema")
+        assert best.info.run_name[:12] in body or "Source Run" in body
+        close_assistant(d)
+        d.save_screenshot(str(shots / "mlflow_model_version.png"))
 
 
 def test_nsga2_search_over_student_depth_gives_a_pareto_front(synth_root, smoke_zoo, tmp_path, ray_local, capsys,

@@ -19,9 +19,9 @@ def test_define_by_run_space_samples_within_bounds_and_pickles():
     space = space_for(cfg.search)
     assert pickle.loads(pickle.dumps(space)).keywords == space.keywords  # no lambda: experiment state pickles
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
-    for _ in range(20):
+    for i in range(20):
         trial = study.ask()
-        space(trial)
+        assert space(trial) == {"trial_number": i}  # a constant of the config: runs and tables name trials by it
         p = trial.params
         for k in ("alpha", "beta", "gamma", "delta", "temperature", "lr"):
             lo, hi = getattr(cfg.search, k)
@@ -103,14 +103,15 @@ def test_parent_and_child_runs_are_found_again(tmp_path, monkeypatch):
     names = {a.path for a in c.list_artifacts(child)}
     assert names == {"confusion_matrix.png", "per_class.json"}
     assert [m.step for m in c.get_metric_history(child, "val_accuracy")] == [2]
-    from tmad_ray.search.tuner import register
-
-    assert [register(c, "m", parent, "study-1"), register(c, "m", parent, "study-1")] == [1, 2]
+    # MLflow's compare page plots the first metric it meets: the best so far, then validation
+    assert list(tracking.epoch_metrics({**metrics, "best_val_accuracy": 0.5}))[:2] == ["best_val_accuracy",
+                                                                                     "val_accuracy"]
 
 
 def test_child_runs_end_as_tune_says_their_trials_ended(tmp_path, monkeypatch):
     """A trial killed by Tune mid-update may leave its run RUNNING or even FAILED; the driver's
-    close sets every child from Tune's results, and puts an errored trial's error on its run."""
+    close sets every child from Tune's results, at the time of the trial's last report (not the
+    study's end), and puts an errored trial's error on its run and its best score in its name."""
     monkeypatch.chdir(tmp_path)
     cfg = config_from_dict({"tracking": {"experiment": "e"}})
     c = tracking.client(f"sqlite:///{tmp_path}/m.db")
@@ -119,9 +120,13 @@ def test_child_runs_end_as_tune_says_their_trials_ended(tmp_path, monkeypatch):
     runs = {t: tracking.open_child(c, exp, parent, "study-1", t, f"trial_{t}") for t in ("a", "b", "c", "d")}
     c.set_terminated(runs["a"], status="FAILED")  # a racing shutdown got there first
     other = tracking.open_child(c, exp, parent, "study-2", "a", "trial_a")  # another study's run: untouched
-    rows = [{"trial": "a", "val_accuracy": 0.75, "status": "COMPLETED", "error": None},
-            {"trial": "b", "val_accuracy": 0.5, "status": "STOPPED (ASHA)", "error": None},
-            {"trial": "c", "val_accuracy": None, "status": "ERROR", "error": "RuntimeError: out of memory"}]
+    recipe = {"alpha": 1.0, "beta": 2.0, "gamma": 0.1, "delta": 0.5, "temperature": 4.0, "align_layers": "-1"}
+    rows = [{"trial": "a", "trial_number": 0, **recipe, "val_accuracy": 0.75, "epochs": 4, "status": "COMPLETED",
+             "error": None, "ended": 1_700_000_000},
+            {"trial": "b", "trial_number": 1, **recipe, "val_accuracy": 0.5, "epochs": 1, "status": "STOPPED (ASHA)",
+             "error": None, "ended": 1_700_000_100},
+            {"trial": "c", "trial_number": 2, **recipe, "val_accuracy": None, "epochs": 0, "status": "ERROR",
+             "error": "RuntimeError: out of memory", "ended": None}]
     close_trial_runs(c, cfg, "study-1", rows)
     status = {t: c.get_run(r).info.status for t, r in runs.items()}
     assert status == {"a": "FINISHED", "b": "FINISHED", "c": "FAILED", "d": "KILLED"}
@@ -129,6 +134,31 @@ def test_child_runs_end_as_tune_says_their_trials_ended(tmp_path, monkeypatch):
     assert c.get_run(runs["a"]).data.metrics["best_val_accuracy"] == 0.75
     assert c.get_run(runs["b"]).data.tags["tune_status"] == "STOPPED (ASHA)"
     assert c.get_run(other).info.status == "RUNNING"
+    # each run ends when its trial did; the names say the number, the score, the recipe, an ASHA stop
+    assert c.get_run(runs["a"]).info.end_time == 1_700_000_000_000
+    assert c.get_run(runs["b"]).info.end_time == 1_700_000_100_000
+    assert c.get_run(runs["a"]).info.run_name == "#0 val 0.750 · a=1 b=2 g=0.1 d=0.5 T=4.0 L=[-1]"
+    assert c.get_run(runs["b"]).info.run_name.endswith("L=[-1] (stopped at epoch 1)")
+    assert c.get_run(runs["c"]).info.run_name == "#2 a=1 b=2 g=0.1 d=0.5 T=4.0 L=[-1]"
+
+
+def test_the_mlflow_view_names_trials_and_keeps_the_parent_short():
+    from tmad_ray.search.tuner import progress_reporter, runs_url, study_params
+
+    cfg = load_config(None)
+    params = study_params(cfg)
+    searched = ("alpha", "beta", "gamma", "delta", "temperature", "align", "layers")
+    assert len(params) <= 12 and not any(w in k for k in params for w in searched)  # "alpha" once, on the trials
+    assert tracking.layers_param("-1") == "[-1]"  # never looks like a number to MLflow's charts
+    assert runs_url("sqlite:////x/mlflow.db", "3") == ("http://127.0.0.1:5000/#/experiments/3/runs?workflowType="
+                                                        "machine_learning&orderByKey=metrics.%60best_val_accuracy%60"
+                                                        "&orderByAsc=false")
+    assert runs_url("https://u:pw@mlflow.example/", "3").startswith("https://***@mlflow.example/#/experiments/3/runs?")
+    r = progress_reporter(cfg)  # Tune's live table: what a user watches, not the first four metrics
+    assert r._metric_columns == {"epoch": "epoch", "val_accuracy": "accuracy", "best_val_accuracy": "best so far",
+                                 "train_loss": "loss"}
+    assert list(r._parameter_columns) == ["trial_number", "alpha", "beta", "gamma", "delta", "temperature",
+                                          "align_layers"]
 
 
 def test_results_table_has_a_row_per_trial():
@@ -137,9 +167,9 @@ def test_results_table_has_a_row_per_trial():
             {"trial": "b2", "alpha": None, "beta": None, "gamma": None, "delta": None, "temperature": None,
              "align_layers": None, "val_accuracy": None, "epochs": 0, "status": "ERROR"}]
     table = results_table(rows, "val_accuracy").splitlines()
-    assert table[0] == "| trial | alpha | beta | gamma | delta | T | layers | best val_accuracy | epochs | status |"
-    assert table[2] == "| a1 | 1 | 2 | 0.1 | 0.5 | 4.00 | -1 | 0.750 | 4 | COMPLETED |"
-    assert table[3].startswith("| b2 | - |") and table[3].endswith("| 0 | ERROR |")
+    assert table[0] == "| # | trial | alpha | beta | gamma | delta | T | layers | best val_accuracy | epochs | status |"
+    assert table[2] == "| - | a1 | 1 | 2 | 0.1 | 0.5 | 4.00 | -1 | 0.750 | 4 | COMPLETED |"
+    assert table[3].startswith("| - | b2 | - |") and table[3].endswith("| 0 | ERROR |")
 
 
 def test_pareto_front_by_hand():

@@ -159,10 +159,31 @@ def describe_models(models: dict) -> str:
     return "\n".join(lines)
 
 
+def quiet_libraries() -> None:
+    """What ``python tune.py`` prints is the plan, Tune's table and the results. The libraries' info
+    logs, progress bars and deprecation notes stay out (``--verbose`` keeps them); the workers'
+    output stays in Ray's logs (``log_to_driver=False``)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow", "alembic", "ray", "ray.data", "ray.tune", "ray.train", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def cmd_tune(args) -> int:
     """The search: data cached once, then Tune + Optuna trials of Ray Train runs, tracked in MLflow."""
     from tmad_ray.cluster import init_ray
-    from tmad_ray.search.tuner import TRIAL_CPU, StudyInterrupted, check_layer_sets, mlflow_ui_command, run_study
+    from tmad_ray.search.tuner import (TRIAL_CPU, StudyInterrupted, check_layer_sets, mlflow_ui_command, run_study,
+                                       runs_url)
     from tmad_ray.tracking import check_tracking_store, resolve_tracking_uri
 
     resume = args.resume
@@ -170,13 +191,21 @@ def cmd_tune(args) -> int:
         args.overrides, resume = [resume, *args.overrides], True
     cfg = load_config(args.config, args.overrides)  # config errors stop here, before Ray starts
     check_tracking_store(resolve_tracking_uri(cfg.tracking))  # a dead server: seconds, not minutes after preparing
-    resources = init_ray(cfg, per_run_extra=TRIAL_CPU)  # the cluster of `ray job submit`, else a local Ray
+    if not args.verbose:
+        quiet_libraries()
+    # the cluster of `ray job submit`, else a local Ray
+    resources = init_ray(cfg, per_run_extra=TRIAL_CPU, worker_logs=args.verbose)
+    if not args.verbose:
+        quiet_libraries()  # again: Ray Data and Tune set their loggers' levels when they start
     from tmad_ray.distill.trimodel import token_grid
 
     manifest, report, models = prepare_study(cfg)
     check_layer_sets(cfg, models["student"].config.num_hidden_layers, token_grid(models["student"].config))
     print(search_plan(cfg, manifest, report))
     print(describe_models(models))
+    if not args.verbose:
+        print("  logs      the trials' own output: Ray's logs (/tmp/ray/session_latest/logs on each node; "
+              "--verbose shows it here)")
     del models
     try:
         out = run_study(cfg, manifest, report, resources, resume=resume)
@@ -193,7 +222,7 @@ def cmd_tune(args) -> int:
         print("no trial reported a result", file=sys.stderr)
         return 1
     b = out.best
-    print(f"\nbest: trial {b['trial']}  {cfg.search.metric} {b[cfg.search.metric]:.3f}  alpha={b['alpha']:.3g} "
+    print(f"\nbest: trial #{b.get('trial_number')} ({b['trial']})  {cfg.search.metric} {b[cfg.search.metric]:.3f}  alpha={b['alpha']:.3g} "
           f"beta={b['beta']:.3g} gamma={b['gamma']:.3g} delta={b['delta']:.3g} T={b['temperature']:.2f} "
           f"layers={b['align_layers']}" + (f" lr={b['lr']:.3g}" if "lr" in b else ""))
     if out.pareto:
@@ -202,8 +231,11 @@ def cmd_tune(args) -> int:
         print("\nPareto front:\n" + pareto_table(out.pareto, objective_modes(cfg)[0]))
     print(f"best student: {out.best_student}")
     if out.model_version:
-        print(f"registered: {cfg.tracking.registered_model} version {out.model_version}")
+        name = cfg.tracking.registered_model
+        print(f"registered: models:/{name}/{out.model_version} (alias models:/{name}@champion), an MLflow pyfunc "
+              f"model: mlflow.pyfunc.load_model('models:/{name}@champion').predict(['video.mp4'])")
     print(f"MLflow parent run {out.parent_run_id}; open the UI with: {mlflow_ui_command(out.tracking_uri)}")
+    print(f"  then: {runs_url(out.tracking_uri, out.experiment_id, cfg.search.metric, cfg.search.mode)}")
     return 0
 
 
@@ -413,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="the search (same as python tune.py)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="STUDY",
                    help="continue the latest study of this config (or STUDY) after the driver died")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the output of Ray's workers and the libraries' info logs here too")
     _config_args(p)
     p.set_defaults(fn=cmd_tune)
 

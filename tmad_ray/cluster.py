@@ -27,19 +27,25 @@ def cpus_needed(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0) -> fl
     return concurrent_runs * (t.num_workers * t.cpus_per_worker + per_run_extra) + 1
 
 
-def init_ray(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0, quiet: bool = False) -> dict:
-    """Attach to the running cluster or start a local Ray sized for the config; returns its resources."""
+def init_ray(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0, quiet: bool = False,
+             worker_logs: bool = True) -> dict:
+    """Attach to the running cluster or start a local Ray sized for the config; returns its resources.
+    ``worker_logs=False``: the workers' output stays in Ray's log files (``/tmp/ray/session_latest/logs``
+    on each node) instead of being copied to this process's terminal."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return ray.cluster_resources()
+    quiet_ray = {} if worker_logs else {"log_to_driver": False, "logging_level": logging.WARNING}
     address = os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ray.init()  # the cluster of `ray job submit` (or the one RAY_ADDRESS names)
+        ray.init(**quiet_ray)  # the cluster of `ray job submit` (or the one RAY_ADDRESS names)
         return ray.cluster_resources()
     if not address and os.path.exists(os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")):
         # `ray start` wrote this: attach to that cluster (never to another driver's private Ray)
-        ray.init(address="auto")
+        ray.init(address="auto", **quiet_ray)
         return ray.cluster_resources()
     cores = os.cpu_count() or 1
     # A small, busy machine can take more than Ray Train's default 60 s to start a worker group
@@ -53,7 +59,7 @@ def init_ray(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0, quiet: b
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port)
+             dashboard_port=port, **quiet_ray)
     if num_cpus > cores and not quiet:
         print(f"local Ray: {num_cpus} logical CPUs on {cores} cores (a run needs {need - 1:g} for its workers"
               f"{' and driver' if per_run_extra else ''}, 1 more kept free)", file=sys.stderr)

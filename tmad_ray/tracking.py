@@ -25,6 +25,7 @@ from pathlib import Path
 from tmad_ray.errors import UserError
 
 STUDY_TAG, TRIAL_TAG, PARENT_TAG = "tmad.study", "tmad.trial_id", "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # a run's description in the UI
 
 # Config keys whose values are secrets wherever they appear, and secrets inside URIs.
 SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|access[_-]?key|credential)", re.IGNORECASE)
@@ -47,6 +48,16 @@ def redact_params(params: dict) -> dict:
     """Params with secret-named keys masked and URIs redacted (what reaches MLflow's params)."""
     return {k: ("***" if SECRET_KEY.search(k) and v not in (None, "", "null") else redact(v) if isinstance(v, str)
                 else v) for k, v in params.items()}
+
+
+def redact_tree(tree):
+    """A config dump (dicts, lists, scalars) with secret-named keys masked and URIs redacted."""
+    if isinstance(tree, dict):
+        return {k: ("***" if SECRET_KEY.search(str(k)) and v not in (None, "") else redact_tree(v))
+                for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact_tree(v) for v in tree]
+    return redact(tree) if isinstance(tree, str) else tree
 
 
 def check_tracking_store(uri: str, timeout_s: float = 5.0, tries: int = 2) -> None:
@@ -124,13 +135,44 @@ def open_parent(c, exp_id: str, study: str) -> str:
     return c.create_run(exp_id, run_name=study, tags={STUDY_TAG: study}).info.run_id
 
 
-def open_child(c, exp_id: str, parent_id: str, study: str, trial_id: str, trial_name: str) -> str:
+def open_child(c, exp_id: str, parent_id: str, study: str, trial_id: str, run_name: str,
+               description: str = "") -> str:
     """A trial's child run; a restarted trial gets its own run back."""
     for r in find_runs(c, exp_id, **{TRIAL_TAG: trial_id, STUDY_TAG: study}):
         c.update_run(r.info.run_id, status="RUNNING")
         return r.info.run_id
-    return c.create_run(exp_id, run_name=trial_name,
-                        tags={PARENT_TAG: parent_id, STUDY_TAG: study, TRIAL_TAG: trial_id}).info.run_id
+    tags = {PARENT_TAG: parent_id, STUDY_TAG: study, TRIAL_TAG: trial_id}
+    if description:
+        tags[NOTE_TAG] = description
+    return c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+
+def layers_param(layers: str) -> str:
+    """``"-1,-3"`` -> ``"[-1,-3]"``: MLflow's charts drop a run whose value of a param looks like a
+    number when others do not, so no layer set may look like one (``"-1"`` would)."""
+    return f"[{layers}]"
+
+
+def recipe_short(params: dict) -> str:
+    """``a=0.52 b=1.9 g=0.1 d=0.8 T=4.0 L=[-1,-3]`` (plus ``lr=``, ``depth=`` when searched)."""
+    parts = [f"{k[0]}={params[k]:.2g}" for k in ("alpha", "beta", "gamma", "delta") if params.get(k) is not None]
+    if params.get("temperature") is not None:
+        parts.append(f"T={params['temperature']:.1f}")
+    if params.get("align_layers") is not None:
+        parts.append(f"L={layers_param(params['align_layers'])}")
+    if params.get("lr") is not None:
+        parts.append(f"lr={params['lr']:.1e}")
+    if params.get("student_depth") is not None:
+        parts.append(f"depth={params['student_depth']}")
+    return " ".join(parts)
+
+
+def trial_run_name(params: dict, best: float | None = None, stopped_at: int | None = None) -> str:
+    """What the runs table shows for a trial: Optuna's trial number (as in the Optuna plots), once it
+    has ended its best validation score, the recipe, and whether ASHA stopped it."""
+    number = params.get("trial_number")
+    return ((f"#{number} " if number is not None else "") + (f"val {best:.3f} · " if best is not None else "")
+            + recipe_short(params) + (f" (stopped at epoch {stopped_at})" if stopped_at else ""))
 
 
 def log_params(c, run_id: str, params: dict) -> None:
@@ -147,15 +189,18 @@ def metric_key(name: str) -> str:
 
 
 def epoch_metrics(metrics: dict) -> dict[str, float]:
-    """The numeric metrics of a report, per-class accuracies flattened to ``val_acc/<label>``."""
+    """The numeric metrics of a report, per-class accuracies flattened to ``val_acc/<label>``; the
+    best-so-far and validation metrics first (MLflow's compare page plots the first metric it meets)."""
     out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for label, acc in metrics.get("val_per_class", {}).items():
         out[metric_key(f"val_acc/{label}")] = float(acc)
-    return out
+    first = sorted(out, key=lambda k: (not k.startswith("best_"), not k.startswith("val_"), "/" in k))
+    return {k: out[k] for k in first}
 
 
 def log_epoch(c, run_id: str, metrics: dict, labels: list[str]) -> None:
-    """Per-epoch metrics (step = epoch) and the latest confusion matrix and per-class table."""
+    """Per-epoch metrics (step = epoch; ``best_val_accuracy`` is the best so far, the column to sort
+    trials by) and the latest confusion matrix and per-class table."""
     import time
 
     from mlflow.entities import Metric

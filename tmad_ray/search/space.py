@@ -24,9 +24,11 @@ def bounds_of(search_cfg) -> dict:
     return b
 
 
-def define_space(bounds: dict, trial) -> None:
+def define_space(bounds: dict, trial) -> dict:
     """α, β, γ, δ log-uniform, T uniform, the aligned layers as a categorical over layer-set strings,
-    the learning rate (log-uniform) and the student's depth when the config gives them."""
+    the learning rate (log-uniform) and the student's depth when the config gives them. Returns the
+    Optuna trial's number as a constant of the config (``trial_number``): runs, tables and Optuna's
+    plots all name a trial by it."""
     for k in WEIGHTS:
         trial.suggest_float(k, *bounds[k], log=True)
     trial.suggest_float("temperature", *bounds["temperature"])
@@ -35,6 +37,7 @@ def define_space(bounds: dict, trial) -> None:
         trial.suggest_float("lr", *bounds["lr"], log=True)
     if "student_depth" in bounds:
         trial.suggest_categorical("student_depth", bounds["student_depth"])
+    return {"trial_number": trial.number}
 
 
 def space_for(search_cfg):

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -29,6 +30,7 @@ from tmad_ray.errors import UserError
 from tmad_ray.search.space import WEIGHTS, apply_params, distributions, space_for
 
 TRIAL_CPU = 1
+CHAMPION = "champion"  # the registered model's alias for the newest study's best student
 STATE_FILE = "tmad_study.json"  # beside Tune's experiment state: the parent run and what the study is
 
 
@@ -100,13 +102,15 @@ def trial_fn(params: dict, study: dict) -> None:
     from tmad_ray.config import config_from_dict
     from tmad_ray.train.run import build_trainer
 
-    ctx = ray.tune.get_context()
-    trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    trial_id = ray.tune.get_context().get_trial_id()
     cfg = apply_params(config_from_dict(study["cfg"]), params)
     c = tracking.client(study["tracking_uri"])
     run_id = tracking.open_child(c, study["experiment_id"], study["parent_run_id"], study["name"], trial_id,
-                                 trial_name)
-    tracking.log_params(c, run_id, {**{k: params[k] for k in sorted(params)}, **fixed_params(cfg)})
+                                 tracking.trial_run_name(params), trial_description(params, study["name"], trial_id))
+    logged = {**{k: params[k] for k in sorted(params)}, **fixed_params(cfg)}
+    if "align_layers" in logged:
+        logged["align_layers"] = tracking.layers_param(logged["align_layers"])
+    tracking.log_params(c, run_id, logged)
     trial_dir = Path(study["trials_dir"]) / trial_id
     trainer = build_trainer(cfg, study["manifest"], study["report"], name=trial_id,
                             callbacks=[TuneReportCallback()], log_path=str(trial_dir / "train_log.jsonl"),
@@ -116,6 +120,12 @@ def trial_fn(params: dict, study: dict) -> None:
     # may raise while the trial's process shuts down, so neither an exception here nor code after fit()
     # says how the trial ended: the driver closes the child runs from Tune's results at the end.
     trainer.fit()
+
+
+def trial_description(params: dict, study: str, trial_id: str) -> str:
+    """The run's description in MLflow (markdown): which trial of which study, and its recipe."""
+    return (f"Trial #{params.get('trial_number', '?')} of study `{study}` (Tune trial `{trial_id}`): "
+            f"{tracking.recipe_short(params)}")
 
 
 def fixed_params(cfg) -> dict:
@@ -140,6 +150,7 @@ class StudyOutcome:
     tracking_uri: str
     model_version: int | None
     pareto: list[dict] | None = None
+    experiment_id: str | None = None
 
 
 def concurrent_trials(cfg, resources: dict) -> int:
@@ -224,8 +235,30 @@ def build_tuner(cfg, study: dict, max_concurrent: int, resume_path: str | None):
         tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
                                         max_concurrent_trials=max_concurrent),
         run_config=ray.tune.RunConfig(name=study["name"], storage_path=cfg.storage.ray_results,
-                                      failure_config=ray.tune.FailureConfig(max_failures=1), verbose=1),
+                                      failure_config=ray.tune.FailureConfig(max_failures=1), verbose=1,
+                                      progress_reporter=progress_reporter(cfg)),
     )
+
+
+def progress_reporter(cfg):
+    """Tune's live table with the columns a user watches: the epoch, the metric, the best so far, the
+    training loss, and the recipe (Tune would pick the first four metrics it sees). Needs Tune's
+    classic output (``RAY_AIR_NEW_OUTPUT=0``, set by ``run_study``): the new one takes no columns."""
+    from ray.tune import CLIReporter
+
+    s = cfg.search
+    metrics = {"epoch": "epoch", s.metric: s.metric.removeprefix("val_") if s.metric.startswith("val_") else s.metric,
+               f"best_{s.metric}": "best so far", "train_loss": "loss"}
+    for o in s.objectives or []:
+        metrics.setdefault(o, o)
+    params = {"trial_number": "#", "alpha": "alpha", "beta": "beta", "gamma": "gamma", "delta": "delta",
+              "temperature": "T", "align_layers": "layers"}
+    if s.lr is not None:
+        params["lr"] = "lr"
+    if s.student_depths:
+        params["student_depth"] = "depth"
+    return CLIReporter(metric_columns=metrics, parameter_columns=params, metric=f"best_{s.metric}", mode=s.mode,
+                       sort_by_metric=False, max_report_frequency=30, print_intermediate_tables=True)
 
 
 def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None = None, log=print) -> StudyOutcome:
@@ -254,6 +287,7 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
     k = concurrent_trials(cfg, resources)
     log(f"study {name}: {cfg.search.num_samples} trials, up to {k} at a time "
         f"({cfg.train.num_workers} DDP workers each); Ray results in {exp_dir}")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's classic table: the only one that takes chosen columns
     tuner = build_tuner(cfg, study, k, exp_dir if resuming else None)
     grid = None
     # Tune catches SIGINT itself: it saves the experiment and returns from fit() as if it were done,
@@ -266,7 +300,8 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
         if interrupt.seen or len(statuses) < cfg.search.num_samples or \
                 set(statuses.values()) - {"TERMINATED", "ERROR"}:
             raise KeyboardInterrupt
-        outcome = finish_study(c, cfg, grid, name, parent, uri, out_dir)
+        outcome = finish_study(c, cfg, grid, name, parent, uri, out_dir, manifest)
+        outcome.experiment_id = exp_id
     except KeyboardInterrupt:  # Tune's interrupt, or a second Ctrl-C while it was saving
         done = end_interrupted(c, cfg, name, parent, grid, exp_dir)
         raise StudyInterrupted(
@@ -338,24 +373,28 @@ def log_study_start(c, parent: str, cfg) -> None:
     from tmad_ray.search.space import bounds_of
 
     c.set_tag(parent, "mlflow.source.git.commit", git_commit())
-    flat = _flatten(cfg.model_dump(mode="json"))
-    tracking.log_params(c, parent, {k: v for k, v in flat.items() if not k.startswith("faults.")})
+    c.set_tag(parent, tracking.NOTE_TAG, f"Study `{cfg.name}`: {cfg.search.num_samples} trials of "
+              f"{cfg.train.epochs} epochs ({cfg.search.algorithm.upper()}), searching alpha, beta, gamma, delta, T "
+              f"and the aligned layers for {cfg.search.metric}. The whole config is the artifact config.yaml.")
+    tracking.log_params(c, parent, study_params(cfg))
     with tempfile.TemporaryDirectory() as d:
-        Path(d, "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        Path(d, "config.yaml").write_text(yaml.safe_dump(tracking.redact_tree(cfg.model_dump(mode="json")),
+                                                         sort_keys=False))
         Path(d, "search_space.json").write_text(json.dumps(
             {**bounds_of(cfg.search), "log_uniform": list(WEIGHTS), "algorithm": cfg.search.algorithm,
              "objectives": cfg.search.objectives or [cfg.search.metric], "mode": cfg.search.mode}, indent=1))
         c.log_artifacts(parent, d)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, type(None))) else v
-    return out
+def study_params(cfg) -> dict:
+    """The parent run's params: what the study is, in a few keys that name no searched value (the
+    trials carry alpha...layers; the whole config is the ``config.yaml`` artifact)."""
+    m, s, t = cfg.models, cfg.search, cfg.train
+    student = m.student.name or m.student.size or f"{m.student.depth}x{m.student.width}x{m.student.heads}"
+    return {"study_trials": s.num_samples, "study_algorithm": s.algorithm, "study_metric": s.metric,
+            "study_epochs": t.epochs, "teacher": m.teacher.name, "assistant": m.assistant.path or f"AMD {m.assistant.arch} {m.assistant.dataset} {m.assistant.kind}",
+            "student": student, "dataset": cfg.data.root, "clip": f"{cfg.data.num_frames}x{cfg.data.image_size}",
+            "workers_per_trial": t.num_workers, "global_batch": t.batch_size * t.num_workers * t.grad_accum}
 
 
 def git_commit() -> str:
@@ -383,13 +422,15 @@ def trial_rows(grid, cfg, study: str) -> list[dict]:
         status = "ERROR" if r.error else ("COMPLETED" if ran >= cfg.train.epochs else "STOPPED (ASHA)")
         params = r.config or {}
         extra = [o for o in (cfg.search.objectives or []) if o != metric]
-        rows.append({"trial": trial, **{k: params.get(k) for k in (*WEIGHTS, "temperature", "align_layers")},
+        ended = (r.metrics or {}).get("timestamp")  # Tune's time of the trial's last report (seconds)
+        rows.append({"trial": trial, "trial_number": params.get("trial_number"),
+                     **{k: params.get(k) for k in (*WEIGHTS, "temperature", "align_layers")},
                      **{k: params[k] for k in ("lr", "student_depth") if k in params},
                      metric: None if best is None else float(best[metric]),
                      **{o: None if best is None else best.get(o) for o in extra},
-                     "epochs": ran, "status": status,
+                     "epochs": ran, "status": status, "ended": ended,
                      "error": str(r.error).splitlines()[0][:200] if r.error else None})
-    return rows
+    return sorted(rows, key=lambda r: (r["trial_number"] is None, r["trial_number"] or 0))
 
 
 def pareto_front(rows: list[dict], objectives: list[str], modes: list[str]) -> list[dict]:
@@ -446,10 +487,9 @@ def train_summary(cfg, study: str, trial: str) -> tuple[dict | None, int]:
     return pick(kept, key=lambda m: m[cfg.search.metric]), int((result.metrics or {}).get("epoch", 0))
 
 
-def finish_study(c, cfg, grid, name: str, parent: str, uri: str, out_dir: Path) -> StudyOutcome:
+def finish_study(c, cfg, grid, name: str, parent: str, uri: str, out_dir: Path, manifest=None) -> StudyOutcome:
     s = cfg.search
     rows = trial_rows(grid, cfg, name)
-    close_trial_runs(c, cfg, name, rows)
     done = [r for r in rows if r[s.metric] is not None]
     best = (max if s.mode == "max" else min)(done, key=lambda r: r[s.metric]) if done else None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -469,15 +509,80 @@ def finish_study(c, cfg, grid, name: str, parent: str, uri: str, out_dir: Path) 
         c.log_artifacts(parent, d)
     student_dir, version = None, None
     if best is not None:
-        tracking.log_params(c, parent, {f"best.{k}": best[k] for k in (*WEIGHTS, "temperature", "align_layers")
-                                        if best.get(k) is not None})
         c.log_metric(parent, f"best_{s.metric}", best[s.metric])
-        c.set_tag(parent, "best_trial", best["trial"])
+        c.set_tag(parent, "best_trial", f"#{best.get('trial_number')} ({best['trial']})")
         (out_dir / "best.json").write_text(json.dumps({"study": name, **best}, indent=1))
         student_dir = export_trial_student(cfg, name, best["trial"], out_dir / "best_student")
-        c.log_artifacts(parent, str(student_dir), "best_student")
-        version = register(c, cfg.tracking.registered_model, parent, name)
+        child = trial_run_ids(c, cfg, name).get(best["trial"])
+        if child is not None:  # the registered version's source run is the trial that trained it
+            version = register_student(c, cfg, uri, name, best, child, student_dir, manifest)
+    close_trial_runs(c, cfg, name, rows)  # after the model is logged to the best trial's run: its real end time
     return StudyOutcome(name, rows, best, student_dir, parent, uri, version, front)
+
+
+def trial_run_ids(c, cfg, study: str) -> dict[str, str]:
+    """Tune trial id -> its MLflow child run id."""
+    exp_id = tracking.experiment_id(c, cfg.tracking.experiment)
+    return {r.data.tags[tracking.TRIAL_TAG]: r.info.run_id
+            for r in tracking.find_runs(c, exp_id, **{tracking.STUDY_TAG: study}) if tracking.TRIAL_TAG in r.data.tags}
+
+
+def evaluate_test(cfg, student_dir: Path, manifest) -> dict:
+    """Accuracy and macro-F1 of the exported student on the test split (multi-view, as ``tmad-ray eval``);
+    ``{"test": "<why not>"}`` when there is none."""
+    from tmad_ray.train.evaluate import evaluate_exported
+
+    if manifest is None or not manifest.rows.get("test"):
+        return {"test": "no test split"}
+    try:
+        r = evaluate_exported(str(student_dir), str(manifest.root), "test", label_mode=cfg.data.label_mode,
+                              out_dir=str(student_dir.parent / "eval_test"))
+    except (FileNotFoundError, ValueError) as e:
+        return {"test": f"not evaluated: {e}"}
+    return {"test_accuracy": r["accuracy"], "test_macro_f1": r["macro_f1"], "test_videos": r["videos"]}
+
+
+def register_student(c, cfg, uri: str, study: str, best: dict, run_id: str, student_dir: Path, manifest) -> int:
+    """Log the exported student to its trial's run as an MLflow pyfunc model (``tmad_ray.serving``),
+    register it as a new version of ``tracking.registered_model`` that says what it is (recipe,
+    val/test metrics, teacher, assistant, labels) and point the ``champion`` alias at it."""
+    import mlflow
+
+    from tmad_ray import serving
+
+    name, m = cfg.tracking.registered_model, cfg.models
+    val = manifest.rows.get("val") if manifest is not None else None
+    example = val[0].abspath(manifest.root) if val else None
+    test = evaluate_test(cfg, student_dir, manifest)
+    summary, epoch = train_summary(cfg, study, best["trial"])
+    model_metrics = {f"val_{k}": summary[f"val_{k}"] for k in ("accuracy", "macro_f1") if summary and
+                     f"val_{k}" in summary}
+    model_metrics.update({k: v for k, v in test.items() if k.startswith("test_") and k != "test_videos"})
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = serving.log_student(student_dir, example)
+        if model_metrics:
+            mlflow.log_metrics(model_metrics, step=int((summary or {}).get("epoch", epoch)), model_id=info.model_id)
+        with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered..." itself
+            version = int(mlflow.register_model(info.model_uri, name, tags={"study": study}).version)
+    recipe = {k: best[k] for k in (*WEIGHTS, "temperature") if best.get(k) is not None}
+    tags = {**{k: f"{v:.4g}" for k, v in recipe.items()},
+            "align_layers": tracking.layers_param(best["align_layers"]),
+            "lr": f"{best.get('lr', cfg.train.lr):.3g}", **{k: f"{v:.4f}" for k, v in model_metrics.items()},
+            **({"test": test["test"]} if "test" in test else {"test_videos": str(test["test_videos"])}),
+            "teacher": m.teacher.name, "assistant": study_params(cfg)["assistant"],
+            "student": study_params(cfg)["student"], "labels": json.dumps(list(manifest.labels) if manifest else []),
+            "study": study, "trial": f"#{best.get('trial_number')} ({best['trial']})", "epoch": str(epoch)}
+    for k, v in tracking.redact_params(tags).items():
+        c.set_model_version_tag(name, version, k, str(v))
+    c.update_model_version(name, version, description=(
+        f"Best student of study `{study}` (trial #{best.get('trial_number')}): {tracking.recipe_short(best)}; "
+        + ", ".join(f"{k} {v:.3f}" for k, v in model_metrics.items())
+        + ". Load it with `mlflow.pyfunc.load_model(...)` and predict on a list of video paths."))
+    c.update_registered_model(name, description="Video classifiers distilled by tmad_ray (teacher + assistant -> "
+                              "student). `@champion` is the best student of the newest study.")
+    c.set_registered_model_alias(name, CHAMPION, version)
+    return version
 
 
 def export_trial_student(cfg, study: str, trial: str, out: Path) -> Path:
@@ -492,10 +597,11 @@ def export_trial_student(cfg, study: str, trial: str, out: Path) -> Path:
 
 
 def close_trial_runs(c, cfg, study: str, rows: list[dict]) -> None:
-    """Each child run ends as Tune's results say its trial ended: FAILED (with the error as a tag)
-    for an errored trial, KILLED for one Tune has no result of, FINISHED otherwise. The trial itself
-    cannot be trusted to close its run: Tune kills it the moment it reports its last epoch, so it
-    may die mid-way through any status update."""
+    """Each child run ends as Tune's results say its trial ended, at the time of its last report:
+    FAILED (with the error as a tag) for an errored trial, KILLED for one Tune has no result of or
+    that was interrupted, FINISHED otherwise; a trial ASHA stopped says so in its name. The trial
+    itself cannot be trusted to close its run: Tune kills it the moment it reports its last epoch,
+    so it may die mid-way through any status update."""
     exp_id = tracking.experiment_id(c, cfg.tracking.experiment)
     by_trial = {r["trial"]: r for r in rows}
     for run in tracking.find_runs(c, exp_id, **{tracking.STUDY_TAG: study}):
@@ -505,22 +611,17 @@ def close_trial_runs(c, cfg, study: str, rows: list[dict]) -> None:
         row = by_trial.get(trial, {})
         st = row.get("status", "")
         if row.get(cfg.search.metric) is not None:
-            c.log_metric(run.info.run_id, f"best_{cfg.search.metric}", row[cfg.search.metric])
+            c.log_metric(run.info.run_id, f"best_{cfg.search.metric}", row[cfg.search.metric],
+                         step=int(row.get("epochs") or 0))
         c.set_tag(run.info.run_id, "tune_status", st or "unknown")
         if row.get("error"):
             c.set_tag(run.info.run_id, "tune_error", row["error"])
-        c.set_terminated(run.info.run_id, status={"ERROR": "FAILED", "": "KILLED",
-                                                  "INTERRUPTED": "KILLED"}.get(st, "FINISHED"))
-
-
-def register(c, model_name: str, parent: str, study: str) -> int:
-    """A new version of ``model_name`` in the Model Registry, pointing at the parent run's best student."""
-    if not c.search_registered_models(filter_string=f"name = '{model_name}'"):
-        c.create_registered_model(model_name)
-    run = c.get_run(parent)
-    v = c.create_model_version(model_name, source=f"{run.info.artifact_uri}/best_student", run_id=parent,
-                               tags={"study": study}, description=f"best student of study {study}")
-    return v.version
+        if row:  # the name a trial ends with: its best score, and whether ASHA stopped it
+            c.update_run(run.info.run_id, name=tracking.trial_run_name(
+                row, row.get(cfg.search.metric), row["epochs"] if st == "STOPPED (ASHA)" else None))
+        ended = int(row["ended"] * 1000) if row.get("ended") else None
+        c.set_terminated(run.info.run_id, end_time=ended,
+                         status={"ERROR": "FAILED", "": "KILLED", "INTERRUPTED": "KILLED"}.get(st, "FINISHED"))
 
 
 def pareto_table(front: list[dict], objectives: list[str]) -> str:
@@ -536,14 +637,14 @@ def pareto_table(front: list[dict], objectives: list[str]) -> str:
 def results_table(rows: list[dict], metric: str) -> str:
     has_lr = any("lr" in r for r in rows)
     has_depth = any("student_depth" in r for r in rows)
-    head = ["trial", "alpha", "beta", "gamma", "delta", "T", "layers", *(["lr"] if has_lr else []),
+    head = ["#", "trial", "alpha", "beta", "gamma", "delta", "T", "layers", *(["lr"] if has_lr else []),
             *(["depth"] if has_depth else []), f"best {metric}", "epochs", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(v, fmt="{:.3g}"):
         return "-" if v is None else fmt.format(v)
     for r in rows:
-        cells = [r["trial"], *(f(r[k]) for k in WEIGHTS), f(r["temperature"], "{:.2f}"), str(r["align_layers"]),
+        cells = [str(r.get("trial_number", "-")), r["trial"], *(f(r[k]) for k in WEIGHTS), f(r["temperature"], "{:.2f}"), str(r["align_layers"]),
                  *([f(r.get("lr"))] if has_lr else []), *([str(r.get("student_depth", "-"))] if has_depth else []),
                  f(r[metric], "{:.3f}"), str(r["epochs"]), r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -571,16 +672,21 @@ def optuna_plots(cfg, rows: list[dict], out: str) -> list[str]:
     s = cfg.search
     dist = distributions(s)
     study = optuna.create_study(direction="maximize" if s.mode == "max" else "minimize")
-    for r in rows:
-        if r[s.metric] is None or any(r.get(k) is None for k in dist):
+    for r in rows:  # in trial-number order, failed ones too: the plots number trials as the runs do
+        if any(r.get(k) is None for k in dist):
             continue
-        study.add_trial(optuna.trial.create_trial(params={k: r[k] for k in dist}, distributions=dist,
-                                                  value=r[s.metric]))
+        done = r[s.metric] is not None
+        study.add_trial(optuna.trial.create_trial(
+            params={k: r[k] for k in dist}, distributions=dist, value=r[s.metric] if done else None,
+            state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.FAIL))
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        return []
     paths = []
     if len(study.trials) >= 1:
         ovm.plot_optimization_history(study)
         paths.append(_save(plt, Path(out) / "optuna_history.png"))
-    if len(study.trials) >= 2 and len({t.value for t in study.trials}) > 1:
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) >= 2 and len({t.value for t in complete}) > 1:
         try:
             ovm.plot_param_importances(study)
             paths.append(_save(plt, Path(out) / "optuna_importance.png"))
@@ -596,6 +702,15 @@ def _save(plt, path: Path) -> str:
     fig.savefig(path, dpi=100)
     plt.close("all")
     return str(path)
+
+
+def runs_url(uri: str, experiment_id: str, metric: str = "val_accuracy", mode: str = "max",
+             ui: str = "http://127.0.0.1:5000") -> str:
+    """The study's experiment in MLflow's runs view, best trial first (MLflow 3 opens its GenAI screen
+    without ``workflowType=machine_learning``)."""
+    base = tracking.redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else ui
+    return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&orderByKey=metrics.%60best_{metric}%60&orderByAsc={'true' if mode == 'min' else 'false'}")
 
 
 def mlflow_ui_command(uri: str) -> str:

@@ -297,7 +297,7 @@ def train_loop_per_worker(config: dict) -> None:
     steps = math.ceil(train_shard.steps / t.grad_accum) * t.epochs  # optimizer steps of the run
     scheduler = cosine_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
 
-    start = 0
+    start, best = 0, None  # best: the search metric's best so far (best_<metric> in every report)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -306,6 +306,7 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["epoch"]
+        best = state["metrics"].get(f"best_{cfg.search.metric}")
     fault = kill_switch(cfg, rank)
     targets = None
     if config.get("targets_key"):
@@ -357,8 +358,12 @@ def train_loop_per_worker(config: dict) -> None:
                    "val_loss": float(nll / max(n_videos, 1)), "val_videos": int(n_videos),
                    "val_per_class": {k: (float("nan") if v is None else v) for k, v in m["per_class"].items()},
                    "val_confusion": cm.tolist(), "epoch_s": time.perf_counter() - t0}
+        if cfg.search.metric in metrics:
+            value, pick = metrics[cfg.search.metric], (max if cfg.search.mode == "max" else min)
+            best = value if best is None else pick(best, value)
+            metrics[f"best_{cfg.search.metric}"] = best
         log.write(event="epoch_end", **{k: v for k, v in metrics.items() if k != "val_confusion"})
-        if rank == 0:
+        if rank == 0 and not mlflow_run:  # in a study, Tune's table shows the epochs; the trial log keeps them
             print(epoch_row(metrics, header=epoch == start + 1), flush=True)
         if mlflow_run:
             from tmad_ray import tracking

@@ -1,0 +1,132 @@
+"""The registered student is an MLflow model: it loads with mlflow.pyfunc, classifies videos given as
+paths, says what it is on its registry page, and `mlflow models serve` answers on loopback."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import smoke_config
+from tmad_ray import tracking
+
+BIN = Path(sys.executable).parent
+RECIPE = {"alpha": 1.5, "beta": 0.5, "gamma": 0.1, "delta": 0.3, "temperature": 3.0, "align_layers": "-1"}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, synth_root):
+    """A tiny exported student registered twice (two studies) from trial runs, as a study's end does."""
+    from tmad_ray.data.manifest import load_manifest
+    from tmad_ray.models.hf import build_student
+    from tmad_ray.search.tuner import register_student
+    from tmad_ray.train.export import export_student
+
+    tmp = tmp_path_factory.mktemp("registry")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # MLflow puts a new experiment's artifacts under ./mlruns
+    try:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        cfg = smoke_config(tmp, synth_root, f"tracking.tracking_uri={uri}")
+        manifest = load_manifest(synth_root, cfg.data.label_mode)
+        student = build_student(cfg.models.student, cfg.data, list(manifest.labels))
+        student_dir = export_student(student, cfg.data, tmp / "out" / "best_student")
+        c = tracking.client(uri)
+        exp = tracking.experiment_id(c, cfg.tracking.experiment)
+        runs, versions = [], []
+        for study in ("s-1", "s-2"):
+            parent = tracking.open_parent(c, exp, study)
+            best = {"trial": "t0", "trial_number": 0, **RECIPE, "val_accuracy": 0.5, "epochs": 2}
+            child = tracking.open_child(c, exp, parent, study, "t0", tracking.trial_run_name(best))
+            versions.append(register_student(c, cfg, uri, study, best, child, student_dir, manifest))
+            runs.append(child)
+    finally:
+        os.chdir(cwd)
+    return {"uri": uri, "c": c, "runs": runs, "versions": versions, "manifest": manifest, "root": synth_root,
+            "name": cfg.tracking.registered_model, "tmp": tmp}
+
+
+def videos(reg, split="test", n=2):
+    m = reg["manifest"]
+    return [m.rows[split][i].abspath(m.root) for i in range(n)]
+
+
+def test_the_registered_version_says_what_it_is(registry):
+    c, name = registry["c"], registry["name"]
+    assert registry["versions"] == [1, 2]
+    v = c.get_model_version(name, "2")
+    assert v.run_id == registry["runs"][1]  # the trial that trained it, not the study
+    tags = v.tags
+    assert {k: tags[k] for k in ("alpha", "beta", "gamma", "delta", "temperature")} == \
+        {"alpha": "1.5", "beta": "0.5", "gamma": "0.1", "delta": "0.3", "temperature": "3"}
+    assert tags["align_layers"] == "[-1]" and tags["lr"] and tags["trial"] == "#0 (t0)" and tags["study"] == "s-2"
+    assert json.loads(tags["labels"]) == ["A", "B1", "B2", "G"]
+    assert tags["teacher"].endswith("teacher") or tags["teacher"] == "MCG-NJU/videomae-base"
+    assert 0.0 <= float(tags["test_accuracy"]) <= 1.0 and 0.0 <= float(tags["test_macro_f1"]) <= 1.0
+    assert tags["test_videos"] == "4"
+    assert "Best student of study `s-2`" in v.description and "test_accuracy" in v.description
+    # the alias follows the newest study's best
+    assert str(c.get_model_version_by_alias(name, "champion").version) == "2"
+    model = c.get_logged_model(v.source.removeprefix("models:/"))  # the version's MLflow model: its metrics
+    assert {m.key for m in model.metrics} >= {"test_accuracy", "test_macro_f1"}
+
+
+def test_pyfunc_classifies_paths_and_a_dataframe_of_paths(registry, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{registry['name']}@champion")
+    assert model.metadata.signature.inputs.to_dict() == [{"type": "string", "required": True}]
+    paths = videos(registry)
+    out = model.predict(paths)
+    assert list(out["path"]) == paths and set(out["label"]) <= {"A", "B1", "B2", "G"}
+    probs = json.loads(out["probabilities"][0])
+    assert abs(sum(probs.values()) - 1) < 1e-3 and out["score"][0] == pytest.approx(max(probs.values()), abs=1e-5)
+    again = model.predict(pd.DataFrame({"path": [paths[0], "/nowhere/missing.mp4"]}))
+    assert again["label"][0] == out["label"][0] and again["score"][0] == pytest.approx(out["score"][0], abs=1e-6)
+    assert pd.isna(again["label"][1]) and "no such file" in again["error"][1]  # one bad video, not a failed batch
+    # logged "from code": no pickled Python object travels with the model
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{registry['name']}/1"))
+    assert not list(local.rglob("*.pkl")) and (local / "code" / "tmad_ray" / "serving.py").is_file()
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_on_loopback(registry):
+    from mlflow_browser import free_port
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "PATH": f"{BIN}:{os.environ['PATH']}"}
+    log = open(registry["tmp"] / "serve.log", "w")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{registry['name']}@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, (registry["tmp"] / "serve.log").read_text()[-3000:]
+                time.sleep(1)
+        paths = videos(registry)
+
+        def post(body: dict) -> list[dict]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
+
+        listed = post({"inputs": paths})
+        records = post({"dataframe_records": [{"path": p} for p in paths]})
+        assert [r["path"] for r in listed] == paths and [r["label"] for r in listed] == [r["label"] for r in records]
+        assert all(r["label"] in {"A", "B1", "B2", "G"} and r["error"] is None for r in listed)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
