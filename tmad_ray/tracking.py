@@ -1,9 +1,11 @@
 """MLflow: one parent run per study, one child run per trial, logged by run id with ``MlflowClient``.
 
-The driver opens the parent run (``--resume`` reopens it, by the id kept beside Tune's state); each trial driver opens its
-child run (tag ``mlflow.parentRunId``, found again by ``tmad.trial_id`` when a trial restarts);
-rank 0 of the trial's Train workers logs per-epoch metrics and artifacts to that run id. Nothing
-uses the fluent ``mlflow.start_run`` state, which would leave orphan runs in Ray workers.
+The driver opens the parent run (``--resume`` reopens it, by the id kept beside Tune's state); each
+trial driver opens its child run (tag ``mlflow.parentRunId``, found again by ``tmad.trial_id`` when a
+trial restarts; named by ``trial_run_name``: number and recipe); rank 0 of the trial's Train workers
+logs per-epoch metrics and artifacts to that run id. No Ray process uses the fluent
+``mlflow.start_run`` state, which would leave orphan runs in Ray workers; only the study's driver
+does, once, to log the best student as an MLflow model to its trial's run (``tmad_ray.serving``).
 
 The tracking URI: ``tracking.tracking_uri`` when the config sets it, else ``MLFLOW_TRACKING_URI``,
 else ``sqlite:///mlflow.db`` in the working directory (MLflow 3 refuses the old file store).

@@ -391,9 +391,9 @@ def study_params(cfg) -> dict:
     trials carry alpha...layers; the whole config is the ``config.yaml`` artifact)."""
     m, s, t = cfg.models, cfg.search, cfg.train
     student = m.student.name or m.student.size or f"{m.student.depth}x{m.student.width}x{m.student.heads}"
+    assistant = m.assistant.path or f"AMD {m.assistant.arch} {m.assistant.dataset} {m.assistant.kind}"
     return {"study_trials": s.num_samples, "study_algorithm": s.algorithm, "study_metric": s.metric,
-            "study_epochs": t.epochs, "teacher": m.teacher.name, "assistant": m.assistant.path or f"AMD {m.assistant.arch} {m.assistant.dataset} {m.assistant.kind}",
-            "student": student, "dataset": cfg.data.root, "clip": f"{cfg.data.num_frames}x{cfg.data.image_size}",
+            "study_epochs": t.epochs, "teacher": m.teacher.name, "assistant": assistant, "student": student, "dataset": cfg.data.root, "clip": f"{cfg.data.num_frames}x{cfg.data.image_size}",
             "workers_per_trial": t.num_workers, "global_batch": t.batch_size * t.num_workers * t.grad_accum}
 
 
