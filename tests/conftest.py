@@ -23,7 +23,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # The dashboard stays on: without it, trials that ASHA stops leak their placement groups (DESIGN §11).
+        # The dashboard stays on: without it, trials that ASHA stops leak their placement groups (Ray 2.60: the dashboard runs the cleaner).
         ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -4,7 +4,7 @@
 
 Every section forbids unknown keys, so a typo fails before Ray starts, naming the key.
 Relative paths are made absolute against the directory the command runs in (Tune moves the
-working directory of trials; DESIGN §11); URIs (``s3://...``) are left as they are.
+working directory of trials); URIs (``s3://...``) are left as they are.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class SynthConfig(_Strict):
 class DataConfig(_Strict):
     root: str = "data/synth"
     label_mode: Literal["as_is", "first", "binary"] = "as_is"
-    # No val.csv: a seeded, stratified split of train (DESIGN §3).
+    # No val.csv: a seeded, stratified split of train (README, "Data").
     val_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
     num_frames: int = Field(16, ge=1, le=512)

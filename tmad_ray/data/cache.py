@@ -11,7 +11,7 @@ Entry layout (``<cache>/<key[:2]>/<key>.parquet``), one row per view::
     video_id: string   the path relative to the dataset root
     view:     int32    view index (train: temporal view; eval: clip * crops + crop)
     clip:     binary   uint8 T*H*W*C bytes (raw bytes + a fixed shape read back faster than
-                       Arrow's tensor extension, DESIGN §11)
+                       Arrow's tensor extension)
     shape:    list<int32>  [T, H, W, C]
 
 A video that cannot be decoded leaves ``<key>.bad.json`` with the reason, so later runs skip
