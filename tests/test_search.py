@@ -72,6 +72,12 @@ def check_study(tmp_path, n_trials: int, epochs: int, root=None):
         assert -1000 <= child.info.end_time - last_epoch < 60_000  # its trial's end (Tune's whole seconds)
         ends.append(child.info.end_time)
     assert len(set(ends)) == n_trials
+    # every trial's log says where its first seconds went, from the trial's first line to its first step
+    for log in (tmp_path / "out").glob("*/trials/*/train_log.jsonl"):
+        startup = [json.loads(line) for line in log.open() if '"startup"' in line][0]
+        phases = [startup[k] for k in ("to_worker_loop_s", "imports_s", "models_s", "ddp_s", "data_and_checkpoint_s",
+                                       "first_step_s")]
+        assert all(p >= 0 for p in phases) and sum(phases) <= startup["startup_s"] + 0.5
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "search_space.json", "results.md", "results.csv", "optuna_history.png"} <= arts
     searched = ("alpha", "beta", "gamma", "delta", "temperature", "layers")

@@ -96,6 +96,7 @@ class Storage:
 
 def trial_fn(params: dict, study: dict) -> None:
     """One trial: the sampled recipe trained on Ray Train, reported to Tune epoch by epoch."""
+    started_at = time.time()
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -115,7 +116,7 @@ def trial_fn(params: dict, study: dict) -> None:
     trainer = build_trainer(cfg, study["manifest"], study["report"], name=trial_id,
                             callbacks=[TuneReportCallback()], log_path=str(trial_dir / "train_log.jsonl"),
                             mlflow_run={"uri": study["tracking_uri"], "run_id": run_id},
-                            storage_path=study["train_storage"])
+                            storage_path=study["train_storage"], started_at=started_at)
     # Tune kills the trial as soon as its last epoch is reported (ASHA stops at max_t too), and fit()
     # may raise while the trial's process shuts down, so neither an exception here nor code after fit()
     # says how the trial ended: the driver closes the child runs from Tune's results at the end.

@@ -267,6 +267,7 @@ def train_loop_per_worker(config: dict) -> None:
     (video id -> clip-cache key), ``train_labels`` / ``val_labels`` (video id -> class id), ``log_path``
     (rank 0's JSON-lines log), and optionally ``mlflow`` (``{"uri", "run_id"}``: the trial's child run,
     logged by rank 0) and ``targets_key`` (the frozen-target cache, when ``distill.cache_targets``)."""
+    entered = time.time()  # start-up phases, timed for the trial log (event "startup")
     import ray.train
     import ray.train.torch
 
@@ -284,9 +285,15 @@ def train_loop_per_worker(config: dict) -> None:
     on_cuda = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
 
+    phases = {"imports_s": time.time() - entered}
+    mark = time.time()
     tri = build_trimodel(cfg, labels)
+    phases["models_s"] = time.time() - mark
+    mark = time.time()
     # student + projectors: to the device, DDP when world > 1 (see ddp_kwargs for unused parameters)
     tri.wrap(lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs=ddp_kwargs(cfg)))
+    phases["ddp_s"] = time.time() - mark
+    mark = time.time()
     t = cfg.train
     optimizer = torch.optim.AdamW(tri.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     train_shard = TrainShard(cfg.storage.clip_cache, config["train_entries"], config["train_labels"], rank=rank,
@@ -317,7 +324,10 @@ def train_loop_per_worker(config: dict) -> None:
         tri.frozen_to(device)
     log = _Log(config.get("log_path") if rank == 0 else None)
     mlflow_run = config.get("mlflow") if rank == 0 else None  # {"uri", "run_id"}: rank 0 logs, nobody else
+    phases["data_and_checkpoint_s"] = time.time() - mark
     log.write(event="start", epoch=start, world=world, resumed=checkpoint is not None)
+    if config.get("started_at") and checkpoint is None:  # when the trial (or run) began on the driver side
+        phases = {"to_worker_loop_s": entered - config["started_at"], **phases}
     if checkpoint is not None and start >= t.epochs:
         # Finished before its driver died: say so again, so that Tune (and the searcher) get its result.
         ray.train.report(state["metrics"])
@@ -326,7 +336,7 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- loop
     for epoch in range(start + 1, t.epochs + 1):
         log.write(event="epoch_start", epoch=epoch)
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         # crops and flips drawn from (seed, rank, epoch) alone: a resumed run augments as an unbroken one
         gen = torch.Generator().manual_seed(t.seed * 7919 + rank * 104729 + epoch * 15485863)
         tr = train_epoch(tri, train_shard, optimizer, scheduler, cfg, device, epoch, gen, autocast, fault, targets)
@@ -343,6 +353,11 @@ def train_loop_per_worker(config: dict) -> None:
         peak_mb = all_reduce(np.eye(world)[rank] * peak_memory_mb(device)).round(1).tolist()
         drift = replica_drift(tri.trainable)
         if epoch == start + 1:  # once per attempt: do the ranks' shares overlap? how fast is the student?
+            if tr["step_times"]:  # where this attempt's first seconds went, up to its first step
+                phases["first_step_s"] = tr["step_times"][0]
+                began = config["started_at"] if "to_worker_loop_s" in phases else entered
+                phases["startup_s"] = wall0 + tr["step_times"][0] - began
+                log.write(event="startup", **{k: round(v, 3) for k, v in phases.items()})
             overlap = shard_overlap(tr["seen"], world)
             latency = float(all_reduce([student_latency_ms(tri.core.student, cfg, device) if rank == 0 else 0.0])[0])
         n_clips, nll, n_videos = summed[len(keys)], summed[len(keys) + 1], summed[len(keys) + 2]
