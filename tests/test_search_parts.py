@@ -210,3 +210,23 @@ def test_study_state_lives_in_local_or_uri_storage(tmp_path):
         assert st.uri("default-1", "train") == f"{root}/default-1/train"
         cfg = load_config(None, [f"storage.ray_results={root}"])
         assert study_name(cfg, True) == ("default-1", True)
+
+
+def test_optuna_plots_keep_failed_trials_in_their_place(tmp_path, monkeypatch):
+    """Optuna numbers the rebuilt study's trials by position: a failed trial stays in as FAIL, so
+    trial #2 of the runs is trial 2 of the plots."""
+    from optuna.visualization import matplotlib as ovm
+
+    from tmad_ray.search.tuner import optuna_plots
+
+    plotted = []
+    real = ovm.plot_optimization_history
+    monkeypatch.setattr(ovm, "plot_optimization_history", lambda study: plotted.append(study) or real(study))
+    cfg = load_config(None)
+    recipe = {"alpha": 1.0, "beta": 2.0, "gamma": 0.1, "delta": 0.5, "temperature": 4.0, "align_layers": "-1"}
+    rows = [{"trial_number": i, **recipe, "val_accuracy": v} for i, v in enumerate([0.5, None, 0.75])]
+    paths = optuna_plots(cfg, rows, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["optuna_history.png", "optuna_importance.png"]
+    assert [(t.number, t.state.name, t.value) for t in plotted[0].trials] == \
+        [(0, "COMPLETE", 0.5), (1, "FAIL", None), (2, "COMPLETE", 0.75)]
+    assert optuna_plots(cfg, [{**rows[1], "trial_number": 0}], str(tmp_path / "none")) == []  # nothing finished

@@ -30,15 +30,16 @@ class StudentVideoClassifier(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper of an exported student; see the module docstring for input and output."""
 
     def load_context(self, context):
+        from tmad_ray.train.evaluate import eval_spec
         from tmad_ray.train.export import load_exported
 
-        self.model, self.sampling = load_exported(context.artifacts["student"])
+        self.model, sampling = load_exported(context.artifacts["student"])
+        self.spec = eval_spec(sampling)
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         # pd.DataFrame: the signature (below) validates the input; a list of paths arrives as a one-column frame
-        paths = video_paths(model_input)
-        rows = [classify(self.model, self.sampling, self.labels, p) for p in paths]
+        rows = [classify(self.model, self.spec, self.labels, p) for p in video_paths(model_input)]
         return pd.DataFrame(rows, columns=["path", "label", "score", "probabilities", "error"])
 
 
@@ -55,27 +56,19 @@ def video_paths(model_input) -> list[str]:
     return [str(p) for p in model_input]
 
 
-def classify(model, sampling: dict, labels: list[str], path: str) -> dict:
-    """One video's label and probabilities, its views averaged; a row with ``error`` if it cannot be read."""
-    import torch
+def classify(model, spec, labels: list[str], path: str) -> dict:
+    """One video's label and probabilities (its views averaged, as evaluation does); a row with
+    ``error`` if it cannot be read."""
+    from tmad_ray.data.clips import BadVideo
+    from tmad_ray.train.evaluate import video_probs
 
-    from tmad_ray.data.clips import BadVideo, ViewSpec, decode_views
-    from tmad_ray.data.normalize import normalize
-    from tmad_ray.train.evaluate import predict_probs
-
-    s = sampling
-    spec = ViewSpec(mode="eval", num_frames=s["num_frames"], sampling=s["sampling"], sampling_rate=s["sampling_rate"],
-                    image_size=s["image_size"], train_short_side=s["image_size"], train_views=1,
-                    eval_clips=s.get("eval_clips", 1), eval_crops=s.get("eval_crops", 1), seed=0)
     if not Path(path).is_file():
         return {"path": path, "label": None, "score": None, "probabilities": None,
                 "error": f"no such file on the serving machine: {path}"}
     try:
-        views = decode_views(path, spec)
+        p = video_probs(model, path, spec)
     except BadVideo as e:
         return {"path": path, "label": None, "score": None, "probabilities": None, "error": str(e)}
-    with torch.inference_mode():
-        p = predict_probs(model, normalize(views)).mean(0)
     i = int(p.argmax())
     return {"path": path, "label": labels[i], "score": float(p[i]),
             "probabilities": json.dumps({lab: round(float(v), 6) for lab, v in zip(labels, p)}), "error": None}

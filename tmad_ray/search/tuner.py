@@ -394,7 +394,8 @@ def study_params(cfg) -> dict:
     student = m.student.name or m.student.size or f"{m.student.depth}x{m.student.width}x{m.student.heads}"
     assistant = m.assistant.path or f"AMD {m.assistant.arch} {m.assistant.dataset} {m.assistant.kind}"
     return {"study_trials": s.num_samples, "study_algorithm": s.algorithm, "study_metric": s.metric,
-            "study_epochs": t.epochs, "teacher": m.teacher.name, "assistant": assistant, "student": student, "dataset": cfg.data.root, "clip": f"{cfg.data.num_frames}x{cfg.data.image_size}",
+            "study_epochs": t.epochs, "teacher": m.teacher.name, "assistant": assistant, "student": student,
+            "dataset": cfg.data.root, "clip": f"{cfg.data.num_frames}x{cfg.data.image_size}",
             "workers_per_trial": t.num_workers, "global_batch": t.batch_size * t.num_workers * t.grad_accum}
 
 
@@ -567,12 +568,13 @@ def register_student(c, cfg, uri: str, study: str, best: dict, run_id: str, stud
         with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered..." itself
             version = int(mlflow.register_model(info.model_uri, name, tags={"study": study}).version)
     recipe = {k: best[k] for k in (*WEIGHTS, "temperature") if best.get(k) is not None}
+    study_p = study_params(cfg)
     tags = {**{k: f"{v:.4g}" for k, v in recipe.items()},
             "align_layers": tracking.layers_param(best["align_layers"]),
             "lr": f"{best.get('lr', cfg.train.lr):.3g}", **{k: f"{v:.4f}" for k, v in model_metrics.items()},
             **({"test": test["test"]} if "test" in test else {"test_videos": str(test["test_videos"])}),
-            "teacher": m.teacher.name, "assistant": study_params(cfg)["assistant"],
-            "student": study_params(cfg)["student"], "labels": json.dumps(list(manifest.labels) if manifest else []),
+            "teacher": m.teacher.name, "assistant": study_p["assistant"],
+            "student": study_p["student"], "labels": json.dumps(list(manifest.labels) if manifest else []),
             "study": study, "trial": f"#{best.get('trial_number')} ({best['trial']})", "epoch": str(epoch)}
     for k, v in tracking.redact_params(tags).items():
         c.set_model_version_tag(name, version, k, str(v))
@@ -682,10 +684,8 @@ def optuna_plots(cfg, rows: list[dict], out: str) -> list[str]:
             state=optuna.trial.TrialState.COMPLETE if done else optuna.trial.TrialState.FAIL))
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         return []
-    paths = []
-    if len(study.trials) >= 1:
-        ovm.plot_optimization_history(study)
-        paths.append(_save(plt, Path(out) / "optuna_history.png"))
+    ovm.plot_optimization_history(study)
+    paths = [_save(plt, Path(out) / "optuna_history.png")]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) >= 2 and len({t.value for t in complete}) > 1:
         try:

@@ -80,14 +80,33 @@ def predict_probs(model: torch.nn.Module, clips: torch.Tensor, batch_size: int =
     return torch.cat(out) if out else torch.zeros(0, model.config.num_labels)
 
 
+def eval_spec(sampling: dict, clips: int | None = None, crops: int | None = None):
+    """The views an exported student is evaluated on (its ``tmad_ray.json`` sampling; ``clips`` ×
+    ``crops`` per video, by default the ones it was trained with)."""
+    from tmad_ray.data.clips import ViewSpec
+
+    s = sampling
+    return ViewSpec(mode="eval", num_frames=s["num_frames"], sampling=s["sampling"], sampling_rate=s["sampling_rate"],
+                    image_size=s["image_size"], train_short_side=s["image_size"], train_views=1,
+                    eval_clips=clips or s.get("eval_clips", 1), eval_crops=crops or s.get("eval_crops", 1), seed=0)
+
+
+def video_probs(model: torch.nn.Module, path: str, spec, batch_size: int = 16) -> torch.Tensor:
+    """``[C]`` class probabilities of one video, averaged over its views; raises ``BadVideo``."""
+    from tmad_ray.data.clips import decode_views
+    from tmad_ray.data.normalize import normalize
+
+    with torch.inference_mode():
+        return predict_probs(model, normalize(decode_views(path, spec)), batch_size).mean(0)
+
+
 def evaluate_exported(model_dir: str, root: str, split: str = "test", clips: int | None = None,
                       crops: int | None = None, label_mode: str | None = None, out_dir: str | None = None,
                       batch_size: int = 16) -> dict:
     """Multi-view evaluation of an exported student on ``ROOT``'s ``split`` (probabilities averaged
     over clips × crops per video). Writes ``confusion.png`` and returns the metrics."""
-    from tmad_ray.data.clips import BadVideo, ViewSpec, decode_views
+    from tmad_ray.data.clips import BadVideo
     from tmad_ray.data.manifest import load_manifest
-    from tmad_ray.data.normalize import normalize
     from tmad_ray.train.export import load_exported
 
     model, s = load_exported(model_dir)
@@ -100,18 +119,15 @@ def evaluate_exported(model_dir: str, root: str, split: str = "test", clips: int
     if unknown:
         raise ValueError(f"labels {unknown} of {root} are not among the model's {sorted(label2id)} "
                          f"(label mode {label_mode!r}; see --label-mode)")
-    clips, crops = clips or s.get("eval_clips", 1), crops or s.get("eval_crops", 1)
-    spec = ViewSpec(mode="eval", num_frames=s["num_frames"], sampling=s["sampling"], sampling_rate=s["sampling_rate"],
-                    image_size=s["image_size"], train_short_side=s["image_size"], train_views=1, eval_clips=clips,
-                    eval_crops=crops, seed=0)
+    spec = eval_spec(s, clips, crops)
+    clips, crops = spec.eval_clips, spec.eval_crops
     probs, truth, bad, videos = [], [], [], []
     for row in manifest.rows[split]:
         try:
-            views = decode_views(row.abspath(manifest.root), spec)
+            probs.append(video_probs(model, row.abspath(manifest.root), spec, batch_size).numpy())
         except BadVideo as e:
             bad.append({"path": row.path, "reason": str(e)})
             continue
-        probs.append(predict_probs(model, normalize(views), batch_size).mean(0).numpy())
         truth.append(label2id[row.label])
         videos.append(row.path)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
