@@ -54,6 +54,7 @@ def test_tune_py_builds_what_is_missing_and_searches(tmp_path):
     assert (report["videos"], report["decoded"], report["bad"]) == (16, 16, 0)
     assert "| trial | alpha | beta | gamma | delta | T | layers | best val_accuracy | epochs | status |" in first.stdout
     assert "best student: " in first.stdout and f"sqlite:///{tmp_path}/mlflow.db" in first.stdout
+    assert "trial start-up (median of 1): " in first.stdout and " s Ray Train start " in first.stdout
 
 
 @pytest.mark.integration

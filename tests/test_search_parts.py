@@ -10,7 +10,7 @@ import pytest
 from tmad_ray import tracking
 from tmad_ray.config import config_from_dict, load_config
 from tmad_ray.search.space import apply_params, define_space, distributions, space_for
-from tmad_ray.search.tuner import (STATE_FILE, StudyError, check_layer_sets, close_trial_runs, concurrent_trials,
+from tmad_ray.search.tuner import (STATE_FILE, TRIAL_CPU, StudyError, check_layer_sets, close_trial_runs, concurrent_trials,
                                    results_table, study_name)
 
 
@@ -43,8 +43,25 @@ def test_apply_params_sets_the_recipe_of_a_trial():
     assert got.train.lr == 1e-3 and cfg.distill.alpha == 1.0  # the original is untouched
 
 
+def test_a_local_ray_runs_as_many_trials_as_fill_its_cores(monkeypatch):
+    from tmad_ray.cluster import cpus_needed, local_trials
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    one = load_config(None, ["train.num_workers=1"])
+    assert local_trials(one) == 2 and local_trials(load_config(None, ["train.num_workers=2"])) == 1
+    assert local_trials(load_config(None, ["train.num_workers=1", "search.max_concurrent_trials=1"])) == 1
+    assert local_trials(load_config(None, ["train.num_workers=1", "search.num_samples=1"])) == 1
+    assert local_trials(load_config(None, ["train.num_workers=1", "train.use_gpu=true"])) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert local_trials(load_config(None, ["train.num_workers=2"])) == 6  # 8 would fit; the study has 6 trials
+    # a local Ray sized for k trials (their workers, their drivers, one CPU kept free) runs k at once
+    for cfg in (one, load_config(None, ["train.num_workers=2"])):
+        k = local_trials(cfg)
+        assert concurrent_trials(cfg, {"CPU": cpus_needed(cfg, k, TRIAL_CPU)}) == k
+
+
 def test_concurrent_trials_from_cluster_resources():
-    cfg = load_config(None)  # 2 workers x 1 CPU, plus the trial driver's CPU
+    cfg = load_config(None, ["train.num_workers=2"])  # 2 workers x 1 CPU, plus the trial driver's CPU
     assert concurrent_trials(cfg, {"CPU": 4}) == 1
     assert concurrent_trials(cfg, {"CPU": 16}) == 5
     gpu = load_config(None, ["train.use_gpu=true", "train.num_workers=4"])
@@ -83,6 +100,31 @@ def test_tracking_uri_from_config_environment_or_default(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri(config_from_dict({}).tracking) == "http://mlflow:5000"
     explicit = config_from_dict({"tracking": {"tracking_uri": "sqlite:///x.db"}}).tracking
     assert tracking.resolve_tracking_uri(explicit) == f"sqlite:///{tmp_path}/x.db"
+
+
+def test_rank_0_finds_the_child_run_the_trial_opens_beside_it(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(c, "e")
+    parent = tracking.open_parent(c, exp, "study-1")
+    tracking.open_child(c, exp, parent, "study-0", "t1", "trial_1")  # the same trial id in another study
+    assert tracking.trial_run_id(c, {"run_id": "abc"}) == "abc"
+    opened = {}
+
+    def open_later():
+        time.sleep(1.0)
+        opened["id"] = tracking.open_child(tracking.client(uri), exp, parent, "study-1", "t1", "trial_1")
+    thread = threading.Thread(target=open_later)
+    thread.start()
+    found = tracking.trial_run_id(c, {"experiment_id": exp, "study": "study-1", "trial": "t1"}, timeout_s=30)
+    thread.join()
+    assert found == opened["id"]
+    with pytest.raises(tracking.TrackingError, match="did not appear in 1 s"):
+        tracking.trial_run_id(c, {"experiment_id": exp, "study": "study-1", "trial": "t9"}, timeout_s=1)
 
 
 def test_parent_and_child_runs_are_found_again(tmp_path, monkeypatch):
@@ -230,3 +272,19 @@ def test_optuna_plots_keep_failed_trials_in_their_place(tmp_path, monkeypatch):
     assert [(t.number, t.state.name, t.value) for t in plotted[0].trials] == \
         [(0, "COMPLETE", 0.5), (1, "FAIL", None), (2, "COMPLETE", 0.75)]
     assert optuna_plots(cfg, [{**rows[1], "trial_number": 0}], str(tmp_path / "none")) == []  # nothing finished
+
+
+def test_the_startup_summary_is_the_median_of_each_phase(tmp_path):
+    from tmad_ray.search.tuner import startup_summary
+
+    assert startup_summary(tmp_path) is None
+    for i, (setup, start, models, first, total) in enumerate([(1, 10, 4, 1, 17), (2, 12, 6, 2, 23), (3, 8, 5, 0.5, 19)]):
+        (tmp_path / f"t{i}").mkdir()
+        event = {"event": "startup", "trial_setup_s": setup, "ray_train_start_s": start, "imports_s": 0.1,
+                 "models_s": models, "ddp_s": 0.2, "data_and_checkpoint_s": 0.0, "first_step_s": first,
+                 "startup_s": total}
+        (tmp_path / f"t{i}" / "train_log.jsonl").write_text(
+            json.dumps({"event": "start"}) + "\n" + json.dumps(event) + "\n" + json.dumps({"event": "epoch_end"}) + "\n")
+    line = startup_summary(tmp_path)
+    assert line.startswith("trial start-up (median of 3): 19.0 s to the first step = 2.0 s trial set-up + 10.0 s Ray "
+                           "Train start (controller, worker processes) + 5.0 s models + 1.0 s first step")

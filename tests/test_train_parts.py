@@ -91,3 +91,13 @@ def test_export_loads_in_the_transformers_pipeline_and_in_eval(tmp_path):
 def test_load_exported_refuses_a_directory_that_is_not_an_export(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an exported student"):
         load_exported(tmp_path)
+
+
+def test_a_process_knows_when_it_was_started():
+    import subprocess
+    import sys
+
+    code = ("import time; t = time.time(); from tmad_ray.train.loop import process_started_at; "
+            "print(t - process_started_at())")
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert -1.5 <= age < 30  # the interpreter's start, within Linux's one-second boot time

@@ -181,7 +181,7 @@ def quiet_libraries() -> None:
 
 def cmd_tune(args) -> int:
     """The search: data cached once, then Tune + Optuna trials of Ray Train runs, tracked in MLflow."""
-    from tmad_ray.cluster import init_ray
+    from tmad_ray.cluster import init_ray, local_trials
     from tmad_ray.search.tuner import (TRIAL_CPU, StudyInterrupted, check_layer_sets, mlflow_ui_command, run_study,
                                        runs_url)
     from tmad_ray.tracking import check_tracking_store, resolve_tracking_uri
@@ -194,7 +194,7 @@ def cmd_tune(args) -> int:
     if not args.verbose:
         quiet_libraries()
     # the cluster of `ray job submit`, else a local Ray
-    resources = init_ray(cfg, per_run_extra=TRIAL_CPU, worker_logs=args.verbose)
+    resources = init_ray(cfg, local_trials(cfg), per_run_extra=TRIAL_CPU, worker_logs=args.verbose)
     if not args.verbose:
         quiet_libraries()  # again: Ray Data and Tune set their loggers' levels when they start
     from tmad_ray.distill.trimodel import token_grid
@@ -214,7 +214,7 @@ def cmd_tune(args) -> int:
         print(f"\ninterrupted: {e}\ncontinue it with: python tune.py {shlex.join(again + ['--resume', e.study])}",
               file=sys.stderr)
         return e.exit_code
-    from tmad_ray.search.tuner import results_table
+    from tmad_ray.search.tuner import results_table, startup_summary
 
     print(f"\nstudy {out.name}: {len(out.rows)} trials")
     print(results_table(out.rows, cfg.search.metric))
@@ -229,6 +229,9 @@ def cmd_tune(args) -> int:
         from tmad_ray.search.tuner import objective_modes, pareto_table
 
         print("\nPareto front:\n" + pareto_table(out.pareto, objective_modes(cfg)[0]))
+    startup = startup_summary(Path(cfg.storage.output_dir) / out.name / "trials")
+    if startup:
+        print(startup)
     print(f"best student: {out.best_student}")
     if out.model_version:
         name = cfg.tracking.registered_model

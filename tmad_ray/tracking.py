@@ -149,6 +149,24 @@ def open_child(c, exp_id: str, parent_id: str, study: str, trial_id: str, run_na
     return c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
 
+def trial_run_id(c, run: dict, timeout_s: float = 120.0) -> str:
+    """The id of a trial's child run: ``run["run_id"]`` when known, else the run tagged with
+    ``run["trial"]`` and ``run["study"]`` in ``run["experiment_id"]``, which the trial function opens
+    while Ray Train starts the workers (waited for up to ``timeout_s``)."""
+    if run.get("run_id"):
+        return run["run_id"]
+    deadline = time.time() + timeout_s
+    while True:
+        found = find_runs(c, run["experiment_id"], **{TRIAL_TAG: run["trial"], STUDY_TAG: run["study"]})
+        if found:
+            return found[0].info.run_id
+        if time.time() > deadline:
+            raise TrackingError(f"trial {run['trial']}: its MLflow run (tags {TRIAL_TAG}={run['trial']}, "
+                                f"{STUDY_TAG}={run['study']}) did not appear in {timeout_s:.0f} s; see the trial's "
+                                "error in Tune's results for why it could not be opened")
+        time.sleep(0.5)
+
+
 def layers_param(layers: str) -> str:
     """``"-1,-3"`` -> ``"[-1,-3]"``: MLflow's charts drop a run whose value of a param looks like a
     number when others do not, so no layer set may look like one (``"-1"`` would)."""

@@ -265,7 +265,8 @@ def kill_switch(cfg, rank: int):
 def train_loop_per_worker(config: dict) -> None:
     """``config``: ``cfg`` (the experiment as a dict), ``labels``, ``train_entries`` / ``val_entries``
     (video id -> clip-cache key), ``train_labels`` / ``val_labels`` (video id -> class id), ``log_path``
-    (rank 0's JSON-lines log), and optionally ``mlflow`` (``{"uri", "run_id"}``: the trial's child run,
+    (rank 0's JSON-lines log), and optionally ``mlflow`` (``{"uri", "run_id"}`` or, in a study,
+    ``{"uri", "experiment_id", "study", "trial"}``: the trial's child run,
     logged by rank 0) and ``targets_key`` (the frozen-target cache, when ``distill.cache_targets``)."""
     entered = time.time()  # start-up phases, timed for the trial log (event "startup")
     import ray.train
@@ -323,11 +324,18 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         tri.frozen_to(device)
     log = _Log(config.get("log_path") if rank == 0 else None)
-    mlflow_run = config.get("mlflow") if rank == 0 else None  # {"uri", "run_id"}: rank 0 logs, nobody else
+    mlflow_run = dict(config["mlflow"]) if rank == 0 and config.get("mlflow") else None  # rank 0 logs, nobody else
     phases["data_and_checkpoint_s"] = time.time() - mark
     log.write(event="start", epoch=start, world=world, resumed=checkpoint is not None)
     if config.get("started_at") and checkpoint is None:  # when the trial (or run) began on the driver side
-        phases = {"to_worker_loop_s": entered - config["started_at"], **phases}
+        handed = config.get("fit_at") or config["started_at"]  # trial function -> TorchTrainer.fit()
+        phases = {"trial_setup_s": handed - config["started_at"], "ray_train_start_s": entered - handed, **phases}
+        born = process_started_at()  # this worker's process: Ray Train starts a new one per run
+        if born is not None and handed <= born + 1 <= entered + 1:
+            # within ray_train_start_s: the controller's start and the worker's scheduling, then the
+            # worker process's own start (Python, Ray, torch, Ray Train, the process group)
+            phases["controller_s"] = max(0.0, born - handed)
+            phases["worker_process_s"] = entered - max(born, handed)
     if checkpoint is not None and start >= t.epochs:
         # Finished before its driver died: say so again, so that Tune (and the searcher) get its result.
         ray.train.report(state["metrics"])
@@ -355,7 +363,7 @@ def train_loop_per_worker(config: dict) -> None:
         if epoch == start + 1:  # once per attempt: do the ranks' shares overlap? how fast is the student?
             if tr["step_times"]:  # where this attempt's first seconds went, up to its first step
                 phases["first_step_s"] = tr["step_times"][0]
-                began = config["started_at"] if "to_worker_loop_s" in phases else entered
+                began = config["started_at"] if "ray_train_start_s" in phases else entered
                 phases["startup_s"] = wall0 + tr["step_times"][0] - began
                 log.write(event="startup", **{k: round(v, 3) for k, v in phases.items()})
             overlap = shard_overlap(tr["seen"], world)
@@ -383,7 +391,9 @@ def train_loop_per_worker(config: dict) -> None:
         if mlflow_run:
             from tmad_ray import tracking
 
-            tracking.log_epoch(tracking.client(mlflow_run["uri"]), mlflow_run["run_id"], metrics, labels)
+            c = tracking.client(mlflow_run["uri"])
+            mlflow_run["run_id"] = tracking.trial_run_id(c, mlflow_run)  # looked up once, by its tags
+            tracking.log_epoch(c, mlflow_run["run_id"], metrics, labels)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -403,6 +413,19 @@ def epoch_row(metrics: dict, header: bool = False) -> str:
     """One line of the per-epoch table (with the header line first when asked)."""
     row = " ".join(fmt.format(metrics[k]) for k, fmt in EPOCH_COLUMNS)
     return f"{EPOCH_HEADER}\n{row}" if header else row
+
+
+def process_started_at() -> float | None:
+    """When this process was created (epoch seconds, within ~1 s: Linux counts from the boot second),
+    or None where /proc cannot say."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _quiet_report_log() -> None:

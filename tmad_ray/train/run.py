@@ -14,7 +14,7 @@ from tmad_ray.train.loop import STUDENT_DIR, train_loop_per_worker
 
 
 def loop_config(cfg, manifest, report, log_path: str | None, mlflow_run: dict | None = None,
-                started_at: float | None = None) -> dict:
+                started_at: float | None = None, fit_at: float | None = None) -> dict:
     """What ``train_loop_per_worker`` needs, all plain data (it travels to the workers)."""
     targets = report.targets_key if cfg.distill.cache_targets else None
     label_of = {split: {r.path: manifest.label2id[r.label] for r in manifest.rows[split]} for split in ("train", "val")}
@@ -25,11 +25,14 @@ def loop_config(cfg, manifest, report, log_path: str | None, mlflow_run: dict | 
             "log_path": log_path, "mlflow": mlflow_run, "targets_key": targets,
             # when the run began on the driver's side (the trial's first line in a study): the loop
             # logs its start-up phases from there (event "startup" in the run's log)
-            "started_at": started_at or time.time()}
+            "started_at": started_at or time.time(),
+            # when the trial function handed over to Ray Train (its MLflow child run opened)
+            "fit_at": fit_at}
 
 
 def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = None, log_path: str | None = None,
-                  mlflow_run: dict | None = None, storage_path: str | None = None, started_at: float | None = None):
+                  mlflow_run: dict | None = None, storage_path: str | None = None, started_at: float | None = None,
+                  fit_at: float | None = None):
     """A ``TorchTrainer`` over the cached train/val clips; a run of the same ``name`` in the same
     storage resumes from its latest checkpoint (Ray Train V2). Each worker reads its own share of
     the clip cache (``tmad_ray.data.loader``), in a seeded order that changes every epoch."""
@@ -40,7 +43,7 @@ def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = Non
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, manifest, report, log_path, mlflow_run, started_at),
+        train_loop_config=loop_config(cfg, manifest, report, log_path, mlflow_run, started_at, fit_at),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
