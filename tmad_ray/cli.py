@@ -13,8 +13,8 @@ from tmad_ray.config import load_config
 from tmad_ray.errors import UserError
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="experiment YAML (default: experiments/default.yaml)")
+def _config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--config", default=default, help=f"experiment YAML (default: {default or 'experiments/default.yaml'})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
 
 
@@ -338,6 +338,21 @@ def cmd_bench_search(args) -> int:
     return 0
 
 
+def cmd_bench_ttq(args) -> int:
+    from tmad_ray.bench.time_to_quality import run_ttq_bench
+
+    cfg = load_config(args.config, args.overrides)
+    run_ttq_bench(cfg, out=args.out, seeds=[int(x) for x in args.seeds.split(",")])
+    return 0
+
+
+def cmd_bench_startup(args) -> int:
+    from tmad_ray.bench.startup import run_startup_bench
+
+    run_startup_bench(args.out, trials=args.trials)
+    return 0
+
+
 def cmd_bench_gpu(args) -> int:
     from tmad_ray.bench.gpu import run_gpu_bench
 
@@ -490,6 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the config's)")
     _config_args(p)
     p.set_defaults(fn=cmd_bench_search)
+    p = bench.add_parser("time-to-quality", help="best val accuracy against wall time and test accuracy of the "
+                         "chosen recipe: tune.py vs the seed's way, same recipes, several seeds")
+    p.add_argument("--out", default="bench/time_to_quality.json")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated search and training seeds")
+    _config_args(p, "experiments/time_to_quality.yaml")
+    p.set_defaults(fn=cmd_bench_ttq)
+    p = bench.add_parser("startup", help="the floor under a trial's start-up: empty Ray Train trials under Ray's "
+                         "defaults and under the search's settings, and the imports a fresh process pays")
+    p.add_argument("--out", default="bench/startup.json")
+    p.add_argument("--trials", type=int, default=4, help="empty trials per variant")
+    p.set_defaults(fn=cmd_bench_startup)
     p = bench.add_parser("gpu", help="tri-model step at real sizes on one GPU: clips/s and MFU (--tiny: CPU)")
     p.add_argument("--out", default="bench/gpu.json")
     p.add_argument("--tiny", action="store_true", help="toy sizes, runs on CPU (what the tests run)")

@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from tmad_ray.bench import write_result
+from tmad_ray.bench import save_figure, write_result
 
 TERMS = {"no_beta": "beta", "no_gamma": "gamma", "no_delta": "delta"}
 
@@ -123,8 +123,4 @@ def plot(r: dict, path: str) -> str:
     ax.set_ylim(0, 1)
     ax.set_ylabel("test accuracy")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

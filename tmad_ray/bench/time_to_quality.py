@@ -1,0 +1,232 @@
+"""``tmad-ray bench time-to-quality``: how long until each way has a student this good?
+
+For every seed (``search.seed`` and ``train.seed``), on the same config and the same machine:
+
+* **tmad_ray as users run it**: ``python tune.py``'s path (study preparation with a fresh clip
+  cache, then Tune with TPE + ASHA, trials on Ray Train, MLflow); the clock starts before the
+  preparation;
+* **the seed's way**: the same recipes in the same order (those the study's seeded sampler drew),
+  one after another in one process, each trained to the full epoch count with clips decoded when a
+  step needs them, the three models in fp32 with eager attention and ``output_attentions`` in every
+  block, the same global batch, no early stopping (``bench.search.reference_trial``).
+
+Each side's curve is its best validation accuracy so far against wall time; each side's chosen
+recipe (best on val) is scored on the **test** split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tmad_ray.bench import save_figure, write_result
+
+RECIPE_KEYS = ("alpha", "beta", "gamma", "delta", "temperature", "align_layers")
+
+
+def best_so_far(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(time, value) points in any order -> the running maximum, one point per improvement, by time."""
+    curve, best = [], None
+    for t, v in sorted(points):
+        if best is None or v > best:
+            best = v
+            curve.append((t, v))
+    return curve
+
+
+def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The first time a best-so-far curve is at or above ``target`` (None: never)."""
+    return next((t for t, v in curve if v >= target - 1e-9), None)
+
+
+def study_epochs(trials_dir: Path, t0: float) -> list[tuple[float, float]]:
+    """(seconds since ``t0``, val accuracy) of every epoch of every trial, from the trials' own logs."""
+    points = []
+    for log in sorted(trials_dir.glob("*/train_log.jsonl")):
+        for line in log.read_text().splitlines():
+            e = json.loads(line)
+            if e.get("event") == "epoch_end" and e.get("val_accuracy") is not None:
+                points.append((e["time"] - t0, float(e["val_accuracy"])))
+    return points
+
+
+def run_tmad_ray(cfg, work: Path, log=print) -> dict:
+    """One study the way ``python tune.py`` runs it, timed from before the preparation."""
+    from tmad_ray.cli import prepare_study
+    from tmad_ray.search.tuner import evaluate_test, run_study
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.storage.clip_cache, cfg.storage.ray_results = str(work / "clips"), str(work / "ray_results")
+    cfg.storage.output_dir = str(work / "outputs")
+    cfg.tracking.tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+    resources = _ray_resources(cfg)
+    t0 = time.time()
+    manifest, report, models = prepare_study(cfg)  # cold clip cache: its decode counts
+    del models
+    study = run_study(cfg, manifest, report, resources, log=lambda *a: None)
+    seconds = time.time() - t0
+    points = study_epochs(Path(cfg.storage.output_dir) / study.name / "trials", t0)
+    test = evaluate_test(cfg, study.best_student, manifest)["test_accuracy"]
+    recipes = [{k: r[k] for k in RECIPE_KEYS} for r in study.rows]
+    best = study.best
+    log(f"  tmad_ray seed {cfg.search.seed}: {seconds:.0f} s, best val {best[cfg.search.metric]:.3f} "
+        f"(trial #{best['trial_number']}), test {test:.3f}; {sum(r['epochs'] for r in study.rows)} epochs in all")
+    return {"seconds": seconds, "epochs": [(t, v) for t, v in sorted(points)], "curve": best_so_far(points),
+            "best_val_accuracy": best[cfg.search.metric], "chosen": {k: best[k] for k in RECIPE_KEYS},
+            "test_accuracy": test, "recipes": recipes, "epochs_trained": sum(r["epochs"] for r in study.rows),
+            "trials": [{"trial_number": r["trial_number"], "best_val_accuracy": r[cfg.search.metric],
+                        "epochs": r["epochs"], "status": r["status"]} for r in study.rows]}
+
+
+def _ray_resources(cfg) -> dict:
+    from tmad_ray.cluster import init_ray, local_trials
+    from tmad_ray.search.tuner import TRIAL_CPU
+
+    return init_ray(cfg, local_trials(cfg), per_run_extra=TRIAL_CPU, quiet=True, worker_logs=False)
+
+
+def run_seed_way(cfg, recipes: list[dict], log=print) -> dict:
+    """The same recipes, in order, the seed's way in this process; the clock runs across trials."""
+    from tmad_ray.bench.search import reference_trial
+    from tmad_ray.data.manifest import load_manifest
+
+    d = cfg.data
+    manifest = load_manifest(d.root, d.label_mode, d.val_fraction, d.split_seed)
+    elapsed, points, trials = 0.0, [], []
+    for params in recipes:
+        r = reference_trial(cfg, manifest, params, log=lambda *a: None, test=True)
+        points += [(elapsed + t, v) for t, v in r["history"]]
+        trials.append({"best_val_accuracy": r["best_val_accuracy"], "test_accuracy": r["test_accuracy"],
+                       "seconds": r["seconds"]})
+        elapsed += r["seconds"]
+    chosen = max(range(len(trials)), key=lambda i: trials[i]["best_val_accuracy"])  # the first best, as Tune's
+    log(f"  seed way seed {cfg.train.seed}: {elapsed:.0f} s, best val {trials[chosen]['best_val_accuracy']:.3f} "
+        f"(trial #{chosen}), test {trials[chosen]['test_accuracy']:.3f}")
+    return {"seconds": elapsed, "epochs": points, "curve": best_so_far(points),
+            "best_val_accuracy": trials[chosen]["best_val_accuracy"], "chosen": recipes[chosen],
+            "test_accuracy": trials[chosen]["test_accuracy"], "trials": trials}
+
+
+def run_ttq_bench(cfg, out: str, seeds: list[int], log=print) -> dict:
+    """Both ways for every seed; tmad_ray's studies first (one Ray), then the seed's way alone."""
+    import ray
+
+    from tmad_ray.data.manifest import load_manifest
+    from tmad_ray.data.synthetic import ensure_synthetic
+    from tmad_ray.models.toyzoo import ensure_toy_zoo
+
+    work = Path(tempfile.mkdtemp(prefix="bench_ttq_"))
+    t_start = time.time()
+    ensure_synthetic(cfg.data)  # the dataset and the toy zoo exist before either clock starts
+    ensure_toy_zoo(cfg)
+    runs = []
+    for seed in seeds:
+        scfg = cfg.model_copy(deep=True)
+        scfg.search.seed, scfg.train.seed = seed, seed
+        runs.append({"seed": seed, "tmad_ray": run_tmad_ray(scfg, work / f"seed{seed}", log)})
+    ray.shutdown()  # the seed's way runs alone, with the machine's threads
+    torch.set_num_threads(os.cpu_count() or 1)
+    for run in runs:
+        scfg = cfg.model_copy(deep=True)
+        scfg.train.seed = run["seed"]
+        run["seed_way"] = run_seed_way(scfg, run["tmad_ray"]["recipes"], log)
+    result = summarize(cfg, runs)
+    d = cfg.data
+    manifest = load_manifest(d.root, d.label_mode, d.val_fraction, d.split_seed)
+    result["videos"] = {split: len(rows) for split, rows in manifest.rows.items()}
+    result["chance"] = 1 / len(manifest.labels)
+    result["benchmark_minutes"] = (time.time() - t_start) / 60
+    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    plot(result, str(Path(out).with_suffix(".png")))
+    return write_result(result, out, format_table(result))
+
+
+def summarize(cfg, runs: list[dict]) -> dict:
+    """Per seed: both wall times, the time tmad_ray first reaches the seed way's final best, both
+    chosen recipes' test accuracies; then their means and spreads."""
+    for run in runs:
+        target = run["seed_way"]["best_val_accuracy"]
+        reach = time_to_reach(run["tmad_ray"]["curve"], target)
+        run["tmad_ray_reaches_seed_best_s"] = reach
+        run["reach_fraction"] = None if reach is None else reach / run["seed_way"]["seconds"]
+
+    def mean_sd(xs):
+        return {"mean": statistics.mean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
+    reached = [r["reach_fraction"] for r in runs if r["reach_fraction"] is not None]
+    s = cfg.search
+    return {
+        "benchmark": "time_to_quality", "config": cfg.name, "seeds": [r["seed"] for r in runs],
+        "budget": {"trials": s.num_samples, "epochs": cfg.train.epochs, "grace_period": s.grace_period,
+                   "reduction_factor": s.reduction_factor, "batch_size": cfg.train.batch_size,
+                   "num_workers": cfg.train.num_workers},
+        "runs": runs,
+        "summary": {"tmad_ray_seconds": mean_sd([r["tmad_ray"]["seconds"] for r in runs]),
+                    "seed_way_seconds": mean_sd([r["seed_way"]["seconds"] for r in runs]),
+                    "tmad_ray_test": mean_sd([r["tmad_ray"]["test_accuracy"] for r in runs]),
+                    "seed_way_test": mean_sd([r["seed_way"]["test_accuracy"] for r in runs]),
+                    "tmad_ray_best_val": mean_sd([r["tmad_ray"]["best_val_accuracy"] for r in runs]),
+                    "seed_way_best_val": mean_sd([r["seed_way"]["best_val_accuracy"] for r in runs]),
+                    "reached": f"{len(reached)} of {len(runs)}",
+                    "reach_fraction_median": statistics.median(reached) if reached else None},
+    }
+
+
+def headline(r: dict) -> str:
+    s = r["summary"]
+    reach = (f"reaches the seed way's best in {100 * s['reach_fraction_median']:.0f} % of its time (median of the "
+             f"{s['reached']} seeds where it does)" if s["reach_fraction_median"] is not None
+             else "does not reach the seed way's best in any seed")
+    return (f"tmad_ray {reach}; chosen recipes score {s['tmad_ray_test']['mean']:.3f} ± {s['tmad_ray_test']['sd']:.3f} "
+            f"(tmad_ray) vs {s['seed_way_test']['mean']:.3f} ± {s['seed_way_test']['sd']:.3f} (seed way) on test")
+
+
+def format_table(r: dict) -> str:
+    b = r["budget"]
+    lines = [f"{b['trials']} trials × up to {b['epochs']} epochs of {r['config']!r} (ASHA grace {b['grace_period']}, "
+             f"reduction {b['reduction_factor']:g} for tmad_ray; every trial to the end for the seed way), "
+             f"seeds {r['seeds']}; {r['videos']['train']} train, {r['videos']['val']} val, {r['videos']['test']} test "
+             f"videos (chance {r['chance']:.2f}); {r['machine']['cpus']} CPUs; the whole benchmark took "
+             f"{r['benchmark_minutes']:.0f} min",
+             "| seed | seed way: wall s | best val | test (chosen) | tmad_ray: wall s | best val | test (chosen) | "
+             "epochs trained | tmad_ray reaches the seed way's best at |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for run in r["runs"]:
+        w, t = run["seed_way"], run["tmad_ray"]
+        reach = ("never" if run["tmad_ray_reaches_seed_best_s"] is None else
+                 f"{run['tmad_ray_reaches_seed_best_s']:.0f} s ({100 * run['reach_fraction']:.0f} % of the seed way's time)")
+        lines.append(f"| {run['seed']} | {w['seconds']:.0f} | {w['best_val_accuracy']:.3f} | {w['test_accuracy']:.3f} | "
+                     f"{t['seconds']:.0f} | {t['best_val_accuracy']:.3f} | {t['test_accuracy']:.3f} | "
+                     f"{t['epochs_trained']} of {b['trials'] * b['epochs']} | {reach} |")
+    return "\n".join(lines + ["", headline(r)])
+
+
+def plot(r: dict, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, run in enumerate(r["runs"]):
+        for side, color in (("seed_way", "#999999"), ("tmad_ray", "#3b75af")):
+            c = run[side]["curve"]
+            xs = [t / 60 for t, _ in c] + [run[side]["seconds"] / 60]
+            ys = [v for _, v in c] + [c[-1][1]]
+            ax.step(xs, ys, where="post", color=color, alpha=0.85, lw=1.5,
+                    label=(("seed's way" if side == "seed_way" else "tmad_ray (tune.py)") if i == 0 else None))
+            ax.plot(xs[-1], ys[-1], "o", color=color, ms=4)
+    if "chance" in r:
+        ax.axhline(r["chance"], ls="--", color="red", lw=1, label="chance")
+    ax.set_xlabel("wall time (minutes)")
+    ax.set_ylabel("best validation accuracy so far")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{r['config']}: {len(r['runs'])} seeds, the same recipes on both sides")
+    ax.legend(loc="lower right")
+    return save_figure(fig, path)
