@@ -35,6 +35,7 @@ bench: venv
 	$(BIN)/tmad-ray bench data --config experiments/xd_violence.yaml --out bench/data.json
 	$(BIN)/tmad-ray bench step --config experiments/default.yaml --out bench/step.json
 	$(BIN)/tmad-ray bench search --config experiments/default.yaml --out bench/search.json  # ~22 min here
+	$(BIN)/tmad-ray bench startup --out bench/startup.json  # ~5 min: the floor under a trial's start-up
 
 # Needs a finished study of the embedded default (`make demo`): its best recipe is what is compared.
 bench-quality: venv
