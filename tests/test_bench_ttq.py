@@ -2,6 +2,7 @@
 and ``bench startup``, the floor under a trial's start-up."""
 
 import json
+import os
 
 import pytest
 
@@ -58,11 +59,15 @@ def test_the_verdict_says_when_tmad_ray_reaches_the_seed_ways_best(tmp_path):
 
 
 @pytest.mark.integration
-def test_time_to_quality_runs_both_ways_on_the_same_recipes(synth_root, smoke_zoo, tmp_path, ray_local):
+def test_time_to_quality_runs_both_ways_on_the_same_recipes(synth_root, smoke_zoo, tmp_path, ray_local, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = smoke_config(tmp_path, synth_root, *smoke_zoo, "search.num_samples=2", "search.grace_period=1",
                        "train.epochs=2")
     out = tmp_path / "ttq.json"
     r = run_ttq_bench(cfg, str(out), seeds=[0], log=lambda *a: None)
+    # registering the best student used MLflow's fluent API: its tracking URI must not stay in this
+    # process's environment, where every later subprocess (another tune.py) would inherit it
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     assert json.loads(out.read_text())["summary"] == r["summary"]
     (run,) = r["runs"]
     system, seed_way = run["tmad_ray"], run["seed_way"]

@@ -96,9 +96,9 @@ def check_study(tmp_path, n_trials: int, epochs: int, root=None):
     if root is not None:  # the registered version is an MLflow model that classifies a video
         import mlflow
 
-        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
         video = sorted((root / "videos").glob("*.mp4"))[0]
-        out = mlflow.pyfunc.load_model("models:/tmad_ray_student@champion").predict([str(video)])
+        with tracking.fluent_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}"):  # not leaked to later subprocesses
+            out = mlflow.pyfunc.load_model("models:/tmad_ray_student@champion").predict([str(video)])
         assert out["label"][0] in {"A", "B1", "B2", "G"} and pd.isna(out["error"][0])
     return parent, children
 

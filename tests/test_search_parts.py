@@ -288,3 +288,17 @@ def test_the_startup_summary_is_the_median_of_each_phase(tmp_path):
     line = startup_summary(tmp_path)
     assert line.startswith("trial start-up (median of 3): 19.0 s to the first step = 2.0 s trial set-up + 10.0 s Ray "
                            "Train start (controller, worker processes) + 5.0 s models + 1.0 s first step")
+
+
+def test_mlflow_fluent_tracking_does_not_leak_to_later_subprocesses(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.fluent_tracking(f"sqlite:///{tmp_path}/a.db"):
+        assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/a.db" == mlflow.get_tracking_uri()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mine:5000")
+    with tracking.fluent_tracking(f"sqlite:///{tmp_path}/a.db"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://mine:5000" == mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(None)

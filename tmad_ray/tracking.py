@@ -17,6 +17,7 @@ MLflow, a file or the screen: ``redact`` hides a URI's user info and secret quer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -114,6 +115,22 @@ def resolve_tracking_uri(tracking_cfg) -> str:
     if m and not m.group(1).startswith("/"):
         uri = f"sqlite:///{Path(m.group(1)).resolve()}"
     return uri
+
+
+@contextlib.contextmanager
+def fluent_tracking(uri: str):
+    """MLflow's fluent API (``mlflow.start_run``, ``log_model``, ``register_model``) pointed at ``uri``
+    for the block only: ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in this process's
+    environment, which every later subprocess (another ``tune.py``, a Ray worker) would inherit and
+    then track to this study's store instead of its own."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets both the variable and MLflow's global
 
 
 def client(uri: str):

@@ -588,8 +588,7 @@ def register_student(c, cfg, uri: str, study: str, best: dict, run_id: str, stud
     model_metrics = {f"val_{k}": summary[f"val_{k}"] for k in ("accuracy", "macro_f1") if summary and
                      f"val_{k}" in summary}
     model_metrics.update({k: v for k, v in test.items() if k.startswith("test_") and k != "test_videos"})
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with tracking.fluent_tracking(uri), mlflow.start_run(run_id=run_id):
         info = serving.log_student(student_dir, example)
         if model_metrics:
             mlflow.log_metrics(model_metrics, step=int((summary or {}).get("epoch", epoch)), model_id=info.model_id)
