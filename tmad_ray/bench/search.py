@@ -114,7 +114,7 @@ def run_search_bench(cfg, out: str, trials: int | None = None, epochs: int | Non
     import ray
 
     from tmad_ray.cli import prepare_study
-    from tmad_ray.cluster import init_ray
+    from tmad_ray.cluster import init_ray, local_trials
     from tmad_ray.search.tuner import TRIAL_CPU, run_study
 
     cfg = cfg.model_copy(deep=True)
@@ -128,7 +128,7 @@ def run_search_bench(cfg, out: str, trials: int | None = None, epochs: int | Non
     cfg.storage.clip_cache, cfg.storage.ray_results = str(work / "clips"), str(work / "ray_results")
     cfg.storage.output_dir = str(work / "outputs")
     cfg.tracking.tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
-    resources = init_ray(cfg, per_run_extra=TRIAL_CPU)
+    resources = init_ray(cfg, local_trials(cfg), per_run_extra=TRIAL_CPU)  # as many trials at once as tune.py
     torch_threads = torch.get_num_threads()
 
     t0 = time.perf_counter()

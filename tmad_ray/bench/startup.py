@@ -28,6 +28,7 @@ VARIANTS = {
         "workers": 2, "env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
         "system_config": {"preload_python_modules": ["torch", "ray.train.torch"], "enable_worker_prestart": True}},
 }
+MANAGED_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_worker_maximum_startup_concurrency")
 IMPORTS = {"torch": "import torch", "ray.train.torch": "import ray.train.torch",
            "transformers VideoMAE": "import torch; from transformers import VideoMAEForVideoClassification",
            "mlflow": "import mlflow"}
@@ -56,6 +57,8 @@ def run_variant(name: str, trials: int) -> dict:
     from ray import tune
 
     v = VARIANTS[name]
+    for key in MANAGED_ENV:  # only what the variant names, whatever the calling shell (or init_ray) had set
+        os.environ.pop(key, None)
     os.environ.update(v["env"])
     storage = tempfile.mkdtemp(prefix="bench_startup_")
     ray.init(address="local", num_cpus=v["workers"] + 2, include_dashboard=False, log_to_driver=False,
