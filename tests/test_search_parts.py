@@ -136,6 +136,12 @@ def test_parent_and_child_runs_are_found_again(tmp_path, monkeypatch):
     c.set_terminated(child, status="FAILED")
     again = tracking.open_child(c, exp, parent, "study-1", "t1", "trial_1")
     assert again == child and c.get_run(child).info.status == "RUNNING"
+    # a trial Tune lost (driver killed before it saved it) is sampled again under a new id: same run
+    lost = tracking.open_child(c, exp, parent, "study-1", "t7", "trial_7", trial_number=3)
+    c.set_terminated(lost, status="KILLED")
+    again = tracking.open_child(c, exp, parent, "study-1", "t8", "trial_8", trial_number=3)
+    assert again == lost and c.get_run(lost).data.tags[tracking.TRIAL_TAG] == "t8"
+    assert tracking.open_child(c, exp, parent, "study-2", "t9", "trial_9", trial_number=3) != lost
     assert c.get_run(child).data.tags[tracking.PARENT_TAG] == parent
     metrics = {"epoch": 2, "val_accuracy": 0.5, "val_per_class": {"A": 1.0, "B 1?": 0.0}, "flag": True,
                "val_confusion": [[1, 0], [1, 0]]}

@@ -29,6 +29,7 @@ from tmad_ray.errors import UserError
 
 STUDY_TAG, TRIAL_TAG, PARENT_TAG = "tmad.study", "tmad.trial_id", "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # a run's description in the UI
+NUMBER_TAG = "tmad.trial_number"  # the searcher's number of the trial (the same when Tune samples it again)
 
 # Config keys whose values are secrets wherever they appear, and secrets inside URIs.
 SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|access[_-]?key|credential)", re.IGNORECASE)
@@ -155,12 +156,21 @@ def open_parent(c, exp_id: str, study: str) -> str:
 
 
 def open_child(c, exp_id: str, parent_id: str, study: str, trial_id: str, run_name: str,
-               description: str = "") -> str:
-    """A trial's child run; a restarted trial gets its own run back."""
+               description: str = "", trial_number: int | None = None) -> str:
+    """A trial's child run; a restarted trial gets its own run back. So does a trial Tune lost: when the
+    driver is killed before Tune saved a just-started trial, ``--resume`` samples it again (the same
+    number and recipe) under a new trial id, and takes over the run of the lost one."""
     for r in find_runs(c, exp_id, **{TRIAL_TAG: trial_id, STUDY_TAG: study}):
         c.update_run(r.info.run_id, status="RUNNING")
         return r.info.run_id
+    if trial_number is not None:
+        for r in find_runs(c, exp_id, **{NUMBER_TAG: str(trial_number), STUDY_TAG: study}):
+            c.set_tag(r.info.run_id, TRIAL_TAG, trial_id)
+            c.update_run(r.info.run_id, status="RUNNING")
+            return r.info.run_id
     tags = {PARENT_TAG: parent_id, STUDY_TAG: study, TRIAL_TAG: trial_id}
+    if trial_number is not None:
+        tags[NUMBER_TAG] = str(trial_number)
     if description:
         tags[NOTE_TAG] = description
     return c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id

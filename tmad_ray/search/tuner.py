@@ -142,7 +142,8 @@ class ChildRun(threading.Thread):
             c = tracking.client(study["tracking_uri"])
             run_id = tracking.open_child(c, study["experiment_id"], study["parent_run_id"], study["name"],
                                          self.trial_id, tracking.trial_run_name(params),
-                                         trial_description(params, study["name"], self.trial_id))
+                                         trial_description(params, study["name"], self.trial_id),
+                                         trial_number=params.get("trial_number"))
             logged = {**{k: params[k] for k in sorted(params)}, **fixed_params(self.cfg)}
             if "align_layers" in logged:
                 logged["align_layers"] = tracking.layers_param(logged["align_layers"])
