@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     exit_code = 2
+
+
+class NotFound(UserError, FileNotFoundError):
+    """A file or directory the user pointed at is missing, or is not what it should be."""

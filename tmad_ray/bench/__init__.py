@@ -11,14 +11,3 @@ def write_result(result: dict, out: str, table: str) -> dict:
     Path(out).write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
     return result
-
-
-def save_figure(fig, path: str) -> str:
-    """Write a matplotlib figure (tight layout, 100 dpi) to ``path`` and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tmad_ray.data.clips import ViewSpec
+from tmad_ray.storage import Storage
 
 CACHE_FORMAT = 1
 SCHEMA = pa.schema([("video_id", pa.string()), ("view", pa.int32()), ("clip", pa.binary()),
@@ -72,76 +72,48 @@ class ClipCache:
     """Entries under a local directory or a URI understood by ``pyarrow.fs`` (s3://, gs://, ...)."""
 
     def __init__(self, uri: str):
-        if "://" in uri:
-            self.fs, self.base = pafs.FileSystem.from_uri(uri)
-        else:
-            self.fs, self.base = pafs.LocalFileSystem(), os.path.abspath(uri)
         self.uri = uri
-        self.fs.create_dir(self.base, recursive=True)
+        self.store = Storage(uri)
+        self.store.make_dirs()
 
     def __reduce__(self):  # ship the URI to Ray tasks, not the filesystem handle
         return (ClipCache, (self.uri,))
 
-    def _path(self, key: str, suffix: str) -> str:
-        return f"{self.base}/{key[:2]}/{key}{suffix}"
-
-    def entry_path(self, key: str) -> str:
-        return self._path(key, ".parquet")
+    @staticmethod
+    def entry_parts(key: str, suffix: str = ".parquet") -> tuple[str, str]:
+        return key[:2], f"{key}{suffix}"
 
     def entry_uri(self, key: str) -> str:
         """What ``ray.data.read_parquet`` should be given for this entry."""
-        path = self.entry_path(key)
-        return path if "://" not in self.uri else f"{self.uri.split('://')[0]}://{path}"
+        return self.store.uri(*self.entry_parts(key))
 
     def lookup(self, key: str) -> tuple[str, str | None]:
         """``("clips", None)``, ``("bad", reason)`` or ``("missing", None)``."""
-        infos = self.fs.get_file_info([self.entry_path(key), self._path(key, ".bad.json")])
+        # one listing call for both names: on an object store each call is a round trip
+        store = self.store
+        infos = store.fs.get_file_info([store.path(*self.entry_parts(key)),
+                                        store.path(*self.entry_parts(key, ".bad.json"))])
         if infos[0].type == pafs.FileType.File:
             return "clips", None
         if infos[1].type == pafs.FileType.File:
-            with self.fs.open_input_stream(infos[1].path) as f:
-                return "bad", json.loads(f.read())["reason"]
+            return "bad", json.loads(store.read_bytes(*self.entry_parts(key, ".bad.json")))["reason"]
         return "missing", None
-
-    def _atomic_write(self, final: str, write) -> None:
-        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{final}.{uuid.uuid4().hex}.tmp"
-        try:
-            with self.fs.open_output_stream(tmp) as f:
-                write(f)
-            self.fs.move(tmp, final)
-        except BaseException:
-            if self.fs.get_file_info(tmp).type == pafs.FileType.File:
-                self.fs.delete_file(tmp)
-            raise
 
     def write_clips(self, key: str, video_id: str, clips: np.ndarray) -> None:
         table = clips_to_table(video_id, clips)
-        self._atomic_write(self.entry_path(key), lambda f: pq.write_table(table, f, compression="none"))
+        self.store.write(self.entry_parts(key), lambda f: pq.write_table(table, f, compression="none"))
 
     def write_bad(self, key: str, video_id: str, reason: str) -> None:
         body = json.dumps({"video_id": video_id, "reason": reason}).encode()
-        self._atomic_write(self._path(key, ".bad.json"), lambda f: f.write(body))
+        self.store.write_bytes(body, *self.entry_parts(key, ".bad.json"))
 
     def read_rows(self, key: str) -> dict:
         """An entry as columns (``video_id``, ``view``, ``clip`` bytes, ``shape``), like a Ray Data batch."""
-        return pq.read_table(self.entry_path(key), filesystem=self.fs).to_pydict()
+        return pq.read_table(self.store.path(*self.entry_parts(key)), filesystem=self.store.fs).to_pydict()
 
     def read_clips(self, key: str) -> tuple[list[str], np.ndarray]:
         rows = self.read_rows(key)
         return rows["video_id"], clips_from_batch(rows)
 
-    def write_blob(self, relpath: str, body: bytes) -> None:
-        """Any file under the cache (written atomically), e.g. frozen-model targets."""
-        self._atomic_write(f"{self.base}/{relpath}", lambda f: f.write(body))
-
-    def read_blob(self, relpath: str) -> bytes | None:
-        path = f"{self.base}/{relpath}"
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with self.fs.open_input_stream(path) as f:
-            return f.read()
-
     def size_bytes(self, sub: str | None = None) -> int:
-        sel = pafs.FileSelector(f"{self.base}/{sub}" if sub else self.base, recursive=True, allow_not_found=True)
-        return sum(i.size for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File)
+        return self.store.size_bytes(*([sub] if sub else []))

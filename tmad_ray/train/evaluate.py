@@ -1,4 +1,4 @@
-"""Classification metrics from a confusion matrix, multi-view averaging, and the confusion-matrix plot.
+"""Classification metrics from a confusion matrix, multi-view averaging, and evaluating an exported student.
 
 The confusion matrix is the one thing ranks exchange: it is a sum, so an all-reduce of per-rank
 matrices gives the global one, and accuracy, macro-F1 and per-class accuracy follow from it.
@@ -11,6 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from tmad_ray.errors import UserError
+from tmad_ray.plots import plot_confusion
+
+
+class EvalError(UserError, ValueError):
+    pass
 
 
 def confusion(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -47,31 +54,6 @@ def average_views(video_ids: list[str], probs: np.ndarray, labels: np.ndarray) -
     return videos, mean, np.array([labels[rows[v][0]] for v in videos], np.int64)
 
 
-def plot_confusion(cm: np.ndarray, labels: list[str], path: str, title: str = "confusion matrix") -> str:
-    """Write the confusion matrix as a PNG (counts in the cells) and return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, clips: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Softmax probabilities ``[V, C]`` of normalized clips ``[V, T, 3, H, W]``."""
@@ -94,7 +76,7 @@ def eval_spec(sampling: dict, clips: int | None = None, crops: int | None = None
 def video_probs(model: torch.nn.Module, path: str, spec, batch_size: int = 16) -> torch.Tensor:
     """``[C]`` class probabilities of one video, averaged over its views; raises ``BadVideo``."""
     from tmad_ray.data.clips import decode_views
-    from tmad_ray.data.normalize import normalize
+    from tmad_ray.data.augment import normalize
 
     with torch.inference_mode():
         return predict_probs(model, normalize(decode_views(path, spec)), batch_size).mean(0)
@@ -113,12 +95,12 @@ def evaluate_exported(model_dir: str, root: str, split: str = "test", clips: int
     label_mode = label_mode or s.get("label_mode", "as_is")
     manifest = load_manifest(root, label_mode)
     if split not in manifest.rows:
-        raise ValueError(f"{root} has no {split!r} split (it has {sorted(manifest.rows)})")
+        raise EvalError(f"{root} has no {split!r} split (it has {sorted(manifest.rows)})")
     label2id = {v: int(k) for k, v in model.config.id2label.items()}
     unknown = sorted({r.label for r in manifest.rows[split]} - set(label2id))
     if unknown:
-        raise ValueError(f"labels {unknown} of {root} are not among the model's {sorted(label2id)} "
-                         f"(label mode {label_mode!r}; see --label-mode)")
+        raise EvalError(f"labels {unknown} of {root} are not among the model's {sorted(label2id)} "
+                        f"(label mode {label_mode!r}; see --label-mode)")
     spec = eval_spec(s, clips, crops)
     clips, crops = spec.eval_clips, spec.eval_crops
     probs, truth, bad, videos = [], [], [], []
@@ -132,7 +114,7 @@ def evaluate_exported(model_dir: str, root: str, split: str = "test", clips: int
         videos.append(row.path)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if not probs:
-        raise ValueError(f"no video of {root}/{split} could be decoded ({len(bad)} bad)")
+        raise EvalError(f"no video of {root}/{split} could be decoded ({len(bad)} bad)")
     p, y = np.stack(probs), np.array(truth)
     cm = confusion(y, p.argmax(1), len(labels))
     m = metrics_from_confusion(cm, labels)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from transformers import VideoMAEForVideoClassification, VideoMAEImageProcessor
 
-from tmad_ray.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+from tmad_ray.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from tmad_ray.errors import NotFound
 
 SAMPLING_FILE = "tmad_ray.json"
 
@@ -42,10 +43,10 @@ def load_exported(path: str | Path) -> tuple[VideoMAEForVideoClassification, dic
     """The exported student (eval mode) and its sampling record; a clear error if it is not an export."""
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p} is not an exported student (no config.json); export one with `tmad-ray train`")
+        raise NotFound(f"{p} is not an exported student (no config.json); export one with `tmad-ray train`")
     if not (p / SAMPLING_FILE).is_file():
-        raise FileNotFoundError(f"{p} has no {SAMPLING_FILE}: how its clips were sampled is unknown; "
-                                "export the student with `tmad-ray train` (or write that file)")
+        raise NotFound(f"{p} has no {SAMPLING_FILE}: how its clips were sampled is unknown; "
+                       "export the student with `tmad-ray train` (or write that file)")
     model = VideoMAEForVideoClassification.from_pretrained(p).eval()
     return model, json.loads((p / SAMPLING_FILE).read_text())
 
