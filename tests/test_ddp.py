@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tmad_ray.train.loop import accumulation
+from tmad_ray.train.epoch import accumulation
 
 CASES = [(steps, accum) for steps in (3, 4, 5) for accum in (1, 2, 3)]
 
@@ -42,7 +42,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from tmad_ray.config import config_from_dict
     from tmad_ray.distill.trimodel import TriModel
     from tmad_ray.models.hf import video_config
-    from tmad_ray.train.loop import cosine_with_warmup, ddp_kwargs, replica_drift, train_epoch
+    from tmad_ray.train.epoch import train_epoch
+    from tmad_ray.train.metrics import replica_drift
+    from tmad_ray.train.worker import RunLog, Worker, cosine_with_warmup, ddp_kwargs
 
     labels = ["A", "B", "C", "D"]
 
@@ -66,11 +68,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         opt = torch.optim.AdamW(tri.parameters(), lr=cfg.train.lr)
         sched = cosine_with_warmup(opt, 1, 100)
         gen = torch.Generator().manual_seed(rank)  # different crops per rank, as in training
+        w = Worker(cfg, labels, rank, world, torch.device("cpu"), contextlib.nullcontext, tri, opt, sched,
+                   train_shard=FakeShard(steps, rank), val_shard=None, targets=None, fault=None, run_log=RunLog(None))
         error = None
         try:
             for epoch in (1, 2):
-                tr = train_epoch(tri, FakeShard(steps, rank), opt, sched, cfg, torch.device("cpu"), epoch, gen,
-                                 contextlib.nullcontext)
+                tr = train_epoch(w, epoch, gen)
         except RuntimeError as e:  # DDP's "Expected to have finished reduction ..." with α = 0
             error = str(e).splitlines()[0]
         results[f"{steps},{accum},{alpha}"] = {"drift": None if error else replica_drift(tri.trainable),

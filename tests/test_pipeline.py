@@ -38,7 +38,7 @@ def test_entry_round_trip_and_atomic_write(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        cache._atomic_write(cache.entry_path("cd" * 32), broken)
+        cache.store.write(cache.entry_parts("cd" * 32), broken)
     assert cache.lookup("cd" * 32) == ("missing", None)
     assert [p.name for p in (tmp_path / "c" / "cd").iterdir()] == []
 
@@ -147,7 +147,7 @@ def test_clip_dataset_rows_hold_the_decoded_clips_and_labels(synth_root, tmp_pat
 @pytest.mark.integration
 def test_the_training_loader_reads_the_decoded_clips(synth_root, tmp_path, ray_local):
     from tmad_ray.data.loader import TrainShard
-    from tmad_ray.train.loop import train_clip_bytes
+    from tmad_ray.train.worker import train_clip_bytes
 
     cfg = smoke_config(tmp_path, synth_root, "data.train_views=2")
     manifest = manifest_of(cfg)

@@ -9,8 +9,8 @@ import torch
 from test_trimodel import LABELS, models
 from tmad_ray.config import config_from_dict
 from tmad_ray.data.cache import ClipCache
-from tmad_ray.distill.targets import (TargetCache, TargetCacheError, TargetReader, aug_params, build_target_cache,
-                                      crop_flip, plan)
+from tmad_ray.data.augment import aug_params, crop_flip
+from tmad_ray.distill.targets import TargetCache, TargetCacheError, TargetReader, build_target_cache, plan
 from tmad_ray.distill.trimodel import TriModel
 
 
@@ -52,7 +52,7 @@ def test_cached_targets_equal_the_live_ones(tmp_path, layers):
     cfg, report, cache = setup(tmp_path)
     student, teacher, assistant = sharp_models()
     frozen = {"teacher": teacher, "assistant": assistant}
-    stats = build_target_cache(cfg, report, frozen, 2, LABELS, log=lambda *a: None)
+    stats = build_target_cache(cfg, report, frozen, 2, LABELS, say=lambda *a: None)
     assert stats["computed"] == 3 and stats["views"] == 3 * 2 * 2 and stats["bytes"] > 0
 
     trial_cfg = cfg.model_copy(deep=True)
@@ -102,7 +102,7 @@ def test_the_size_is_known_before_building_and_a_cache_too_large_is_refused(tmp_
     _, teacher, assistant = models()
     frozen = {"teacher": teacher, "assistant": assistant}
     said = []
-    stats = build_target_cache(cfg, report, frozen, 2, LABELS, log=said.append)
+    stats = build_target_cache(cfg, report, frozen, 2, LABELS, say=said.append)
     # the estimate is the tensors' bytes; the files add torch.save's framing (a few KB per entry)
     assert stats["estimated_bytes"] <= stats["bytes"] <= stats["estimated_bytes"] + 3 * 64 * 1024
     assert f"{stats['estimated_bytes'] / 1e9:.2f} GB" in said[0]
@@ -110,7 +110,7 @@ def test_the_size_is_known_before_building_and_a_cache_too_large_is_refused(tmp_
     small.distill.target_cache_max_gb = stats["estimated_bytes"] / 4 / 1e9
     small.distill.target_views = 1  # a new key (half the size): nothing computed yet, and nothing may be
     with pytest.raises(TargetCacheError, match="distill.target_cache_max_gb"):
-        build_target_cache(small, report, frozen, 2, LABELS, log=lambda *a: None)
+        build_target_cache(small, report, frozen, 2, LABELS, say=lambda *a: None)
     assert ClipCache(cfg.storage.clip_cache).size_bytes("targets") == stats["bytes"]  # no entry of the new key
 
 
@@ -118,7 +118,7 @@ def test_the_reader_keeps_the_trials_layers_within_its_memory_budget(tmp_path):
     cfg, report, _ = setup(tmp_path)
     _, teacher, assistant = models()
     stats = build_target_cache(cfg, report, {"teacher": teacher, "assistant": assistant}, 2, LABELS,
-                               log=lambda *a: None)
+                               say=lambda *a: None)
     store = TargetCache(cfg.storage.clip_cache, stats["key"])
     full = TargetReader(store, report.entries["train"], K=2)
     entry = full._entry("videos/v0.mp4")
@@ -147,6 +147,6 @@ def test_augmentations_are_fixed_per_view_and_the_key_follows_the_weights(tmp_pa
     with torch.no_grad():
         teacher.classifier.bias.add_(1.0)
     assert plan(cfg, 2, {"teacher": teacher, "assistant": assistant}, LABELS)["key"] != first["key"]
-    stats = build_target_cache(cfg, report, {"teacher": teacher}, 2, LABELS, log=lambda *a: None)
-    again = build_target_cache(cfg, report, {"teacher": teacher}, 2, LABELS, log=lambda *a: None)
+    stats = build_target_cache(cfg, report, {"teacher": teacher}, 2, LABELS, say=lambda *a: None)
+    again = build_target_cache(cfg, report, {"teacher": teacher}, 2, LABELS, say=lambda *a: None)
     assert (stats["computed"], again["computed"], again["reused"]) == (3, 0, 3)

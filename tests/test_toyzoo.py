@@ -40,7 +40,7 @@ def test_zoo_writes_a_teacher_and_an_amd_assistant_that_the_normal_loaders_load(
                        f"models.teacher.name={tmp_path / 'zoo' / 'teacher'}",
                        f"models.assistant.path={tmp_path / 'zoo' / 'assistant.pth'}",
                        f"models.assistant.config={tmp_path / 'zoo' / 'assistant_config.json'}")
-    r = build_zoo(cfg, tmp_path / "zoo", seed=0, clips_per_class=4, epochs=1, log=lambda s: None)
+    r = build_zoo(cfg, tmp_path / "zoo", seed=0, clips_per_class=4, epochs=1, say=lambda s: None)
     assert json.loads((tmp_path / "zoo" / "zoo.json").read_text()) == r
     assert 0 <= r["teacher"]["val_accuracy"] <= 1 and r["teacher"]["val_clips"] == 4
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import smoke_config
-from tmad_ray.cli import epoch_history
+from tmad_ray.train.run import epoch_history
 from tmad_ray.data.manifest import load_manifest
 from tmad_ray.data.pipeline import fill_cache
 
@@ -101,7 +101,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(synth_root, smoke_zoo,
 
 
 def test_training_reads_the_frozen_target_cache(synth_root, smoke_zoo, tmp_path, ray_local):
-    from tmad_ray.cli import prepare_study
+    from tmad_ray.study import prepare_study
     from tmad_ray.data.cache import ClipCache
     from tmad_ray.train.run import fit
 

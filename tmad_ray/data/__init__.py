@@ -1,2 +1,3 @@
-"""The data layer: split files -> rows (manifest) -> clips (clips, decord) -> Ray Data decode
-into the clip cache (pipeline, cache) -> clip datasets; plus the embedded synthetic dataset."""
+"""The data layer: split files -> rows (manifest) -> decoded clips (clips, sandbox) -> the clip cache
+(pipeline: Ray Data, once; cache) -> a rank's batches (loader) -> model input (augment); plus
+``data check`` (check) and the embedded synthetic dataset (synthetic)."""

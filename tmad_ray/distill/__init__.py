@@ -1,1 +1,2 @@
-"""Distillation: pure losses and the tri-model module."""
+"""Distillation: the objective as pure losses (losses), the tri-model around the student (trimodel),
+and the frozen models' targets computed once per study (targets)."""

@@ -33,25 +33,16 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from tmad_ray.data.augment import AUG_VERSION, aug_params, crop_flip
 from tmad_ray.data.cache import ClipCache
 from tmad_ray.distill import losses
 from tmad_ray.distill.trimodel import capture, map_layer, resolve_layer, same_labels, token_grid
-from tmad_ray.data.normalize import normalize
 from tmad_ray.errors import UserError
-
-AUG_VERSION = 1
+from tmad_ray.storage import Storage
 
 
 def _digest(*parts) -> bytes:
     return hashlib.sha256("#".join(map(str, parts)).encode()).digest()
-
-
-def aug_params(video_id: str, view: int, k: int, side: int, size: int, flip: bool) -> tuple[int, int, bool]:
-    """The k-th fixed augmentation of a cached view: crop offset (y, x) in a ``side``² clip and h-flip."""
-    h = _digest("aug", AUG_VERSION, video_id, view, k)
-    room = side - size + 1
-    return (int.from_bytes(h[0:4], "little") % room, int.from_bytes(h[4:8], "little") % room,
-            bool(flip and h[8] & 1))
 
 
 def query_rows(video_id: str, view: int, k: int, n_tokens: int, n_query: int | None) -> torch.Tensor | None:
@@ -62,18 +53,9 @@ def query_rows(video_id: str, view: int, k: int, n_tokens: int, n_query: int | N
     return torch.from_numpy(np.sort(np.random.default_rng(seed).choice(n_tokens, n_query, replace=False)))
 
 
-def crop_flip(clips: torch.Tensor, params: list[tuple[int, int, bool]], size: int) -> torch.Tensor:
-    """uint8 ``[B,T,S,S,3]`` -> normalized ``[B,T,3,size,size]`` with one (y, x, flip) per clip."""
-    out = []
-    for c, (y, x, f) in zip(clips, params):
-        c = c[:, y:y + size, x:x + size]
-        out.append(c.flip(2) if f else c)
-    return normalize(torch.stack(out))
-
-
 def candidate_layers(cfg, student_depth: int) -> list[int]:
     """Every student block (1-based) that the config's aligned layers or any searched layer set names."""
-    from tmad_ray.config import parse_layer_set
+    from tmad_ray.schema import parse_layer_set
 
     sets = [cfg.distill.align_layers] + [parse_layer_set(t) for t in cfg.search.align_layer_sets]
     return sorted({resolve_layer(i, student_depth) for s in sets for i in s})
@@ -91,26 +73,29 @@ class TargetCache:
     """Target entries (one file per video) under ``<clip cache>/targets/<key>/``."""
 
     def __init__(self, clip_cache_uri: str, key: str):
-        self.cache, self.key = ClipCache(clip_cache_uri), key
-        self.prefix = f"targets/{key}"
+        self.uri, self.key = clip_cache_uri, key
+        self.store = Storage(clip_cache_uri)
 
     def __reduce__(self):
-        return (TargetCache, (self.cache.uri, self.key))
+        return (TargetCache, (self.uri, self.key))
 
-    def _rel(self, entry_key: str) -> str:
-        return f"{self.prefix}/{entry_key[:2]}/{entry_key}.pt"
+    def _parts(self, entry_key: str) -> tuple[str, ...]:
+        return "targets", self.key, entry_key[:2], f"{entry_key}.pt"
 
     def write(self, entry_key: str, obj: dict) -> None:
         buf = io.BytesIO()
         torch.save(obj, buf)
-        self.cache.write_blob(self._rel(entry_key), buf.getvalue())
+        self.store.write_bytes(buf.getvalue(), *self._parts(entry_key))
+
+    def has(self, entry_key: str) -> bool:
+        return self.store.is_file(*self._parts(entry_key))
 
     def read(self, entry_key: str) -> dict | None:
-        blob = self.cache.read_blob(self._rel(entry_key))
+        blob = self.store.read_bytes(*self._parts(entry_key))
         return None if blob is None else torch.load(io.BytesIO(blob), weights_only=True)
 
     def size_bytes(self) -> int:
-        return self.cache.size_bytes(self.prefix)
+        return self.store.size_bytes("targets", self.key)
 
 
 @torch.no_grad()
@@ -169,7 +154,7 @@ def entry_bytes(spec: dict, frozen: dict[str, torch.nn.Module], views: int) -> i
 
 
 def build_target_cache(cfg, report, frozen: dict[str, torch.nn.Module], student_depth: int, labels: list[str],
-                       batch_size: int = 16, log=print, workers: int | None = None) -> dict:
+                       batch_size: int = 16, say=print, workers: int | None = None) -> dict:
     """Compute the targets of every cached train view (skipping entries already there).
 
     The size is printed first, and a cache larger than ``distill.target_cache_max_gb`` is refused.
@@ -182,7 +167,7 @@ def build_target_cache(cfg, report, frozen: dict[str, torch.nn.Module], student_
     entries = sorted(report.entries.get("train", {}).items())
     per_video = entry_bytes(spec, frozen, cfg.data.train_views)
     total, limit = per_video * len(entries), cfg.distill.target_cache_max_gb * 1e9
-    log(f"frozen targets {spec['key']}: {len(entries)} videos x {per_video / 1e6:.1f} MB = {total / 1e9:.2f} GB "
+    say(f"frozen targets {spec['key']}: {len(entries)} videos x {per_video / 1e6:.1f} MB = {total / 1e9:.2f} GB "
         f"(distill.target_cache_max_gb={cfg.distill.target_cache_max_gb:g})")
     if total > limit:
         raise TargetCacheError(
@@ -190,7 +175,7 @@ def build_target_cache(cfg, report, frozen: dict[str, torch.nn.Module], student_
             f"than distill.target_cache_max_gb={cfg.distill.target_cache_max_gb:g}. Shrink it (distill.target_views, "
             "distill.attn_query_tokens, fewer search.align_layer_sets), raise distill.target_cache_max_gb if the "
             "storage has room, or set distill.cache_targets=false (the frozen models then run in every step)")
-    todo = [(v, k) for v, k in entries if store.cache.read_blob(store._rel(k)) is None]
+    todo = [(v, k) for v, k in entries if not store.has(k)]
     t0 = time.perf_counter()
     if todo and workers is None:
         compute_entries(frozen, spec, cfg, todo, "cpu", batch_size)
@@ -206,7 +191,7 @@ def build_target_cache(cfg, report, frozen: dict[str, torch.nn.Module], student_
     stats = {"key": spec["key"], "videos": len(entries), "computed": len(todo), "reused": len(entries) - len(todo),
              "views": len(entries) * cfg.data.train_views * spec["K"], "seconds": seconds,
              "bytes": store.size_bytes(), "estimated_bytes": total, "spec": spec}
-    log(f"frozen targets {spec['key']}: {stats['computed']} videos computed, {stats['reused']} reused in "
+    say(f"frozen targets {spec['key']}: {stats['computed']} videos computed, {stats['reused']} reused in "
         f"{seconds:.1f} s, {stats['bytes'] / 2**20:.1f} MB")
     return stats
 

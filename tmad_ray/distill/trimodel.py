@@ -207,7 +207,7 @@ class TriModel(nn.Module):
                                                                       for n, m in frozen_models.items()}, self.needs)
         self.grid = token_grid(student.config)
         if self.needs.asym:
-            from tmad_ray.config import relation_grid_problem
+            from tmad_ray.schema import relation_grid_problem
 
             problem = relation_grid_problem(d.asym_time, d.asym_space, self.grid[0], min(self.grid[1:]))
             if problem:

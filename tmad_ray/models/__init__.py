@@ -1,1 +1,2 @@
-"""Models: teacher and student from transformers (hf), the AMD assistant (amd), the toy zoo (toyzoo)."""
+"""Models: teacher, student and the one loader (hf), the AMD assistant (amd), the toy zoo (toyzoo),
+and their subcommands (cli)."""

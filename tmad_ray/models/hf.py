@@ -153,3 +153,23 @@ def check_tokenization(models: dict[str, torch.nn.Module], data_cfg) -> None:
                     problems.append(f"{role}: {k}={got[k]} but {first[0]} has {first[1][k]}")
     if problems:
         raise ModelError("the models do not share one tokenization:\n  " + "\n  ".join(problems))
+
+
+def load_models(cfg, labels: list[str], roles: tuple[str, ...] = ("teacher", "assistant", "student")) -> dict:
+    """The models of ``roles`` (in that order: the student is seeded by whoever seeds before it),
+    each through its loader, checked for one tokenization. The one loader of the driver (all three,
+    before any trial) and the training workers (the student and the frozen models the recipe uses)."""
+    loaders = {"teacher": lambda: load_teacher(cfg.models.teacher.name),
+               "assistant": lambda: load_assistant(cfg.models, cfg.data),
+               "student": lambda: build_student(cfg.models.student, cfg.data, labels)}
+    models = {role: loaders[role]() for role in roles}
+    check_tokenization(models, cfg.data)
+    return models
+
+
+def frozen_roles(distill) -> tuple[str, ...]:
+    """The frozen models a recipe needs: none when no distillation term is on, else those with weight."""
+    if not (distill.beta > 0 or distill.gamma > 0 or distill.delta > 0):
+        return ()
+    return tuple(role for role, w in (("teacher", distill.teacher_weight), ("assistant", distill.assistant_weight))
+                 if w > 0)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from tmad_ray.data.clips import ViewSpec, crop_offsets, decode_views, resize_frames, sample_train_indices
 from tmad_ray.data.manifest import load_manifest
-from tmad_ray.data.normalize import normalize
+from tmad_ray.data.augment import normalize
 from tmad_ray.data.synthetic import CLASSES, make_scene, render_video
 from tmad_ray.models.hf import video_config
 
@@ -82,7 +82,7 @@ def make_clips(task: str, n_per_class: int, seed: int, spec: ViewSpec, size: tup
 
 
 def train_classifier(model, clips: np.ndarray, labels: np.ndarray, epochs: int, seed: int, lr: float = 1e-3,
-                     batch_size: int = 16, flip: bool = True, log=print) -> None:
+                     batch_size: int = 16, flip: bool = True, say=print) -> None:
     """Plain single-process training (AdamW, warmup + cosine); flips only where labels allow it."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -108,7 +108,7 @@ def train_classifier(model, clips: np.ndarray, labels: np.ndarray, epochs: int, 
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        log(f"  epoch {epoch + 1}/{epochs}: loss {total / len(clips):.3f} ({time.perf_counter() - t0:.0f} s)")
+        say(f"  epoch {epoch + 1}/{epochs}: loss {total / len(clips):.3f} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
 
 
@@ -148,7 +148,7 @@ def to_amd_state_dict(model) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------- zoo
 
 
-def build_zoo(cfg, out: str | Path, seed: int = 0, clips_per_class: int = 200, epochs: int = 12, log=print) -> dict:
+def build_zoo(cfg, out: str | Path, seed: int = 0, clips_per_class: int = 200, epochs: int = 12, say=print) -> dict:
     """Train both models for ``cfg``'s tokenization and write ``out/{teacher/, assistant.pth, ...}``."""
     from transformers import VideoMAEForVideoClassification
 
@@ -163,14 +163,14 @@ def build_zoo(cfg, out: str | Path, seed: int = 0, clips_per_class: int = 200, e
     result = {"seed": seed, "clips_per_class": clips_per_class, "epochs": epochs, "tokenization": tok}
 
     t0 = time.perf_counter()
-    log(f"teacher: {TEACHER_ARCH}, {clips_per_class} generated clips per class, {epochs} epochs")
+    say(f"teacher: {TEACHER_ARCH}, {clips_per_class} generated clips per class, {epochs} epochs")
     x, y = make_clips("labels", clips_per_class, seed, spec, size, frames, augment=True)
     # make_clips numbers classes in CLASSES order; the teacher's id2label is the sorted order.
     remap = np.array([labels.index(c) for c in CLASSES])
     y = remap[y]
     torch.manual_seed(seed)
     teacher = VideoMAEForVideoClassification(video_config(**TEACHER_ARCH, **tok, labels=labels))
-    train_classifier(teacher, x, y, epochs, seed, log=log)
+    train_classifier(teacher, x, y, epochs, seed, say=say)
     manifest = load_manifest(d.root, d.label_mode, d.val_fraction, d.split_seed)
     if manifest.labels != labels:
         raise ValueError(f"dataset labels {manifest.labels} differ from the synthetic classes {labels}")
@@ -181,32 +181,32 @@ def build_zoo(cfg, out: str | Path, seed: int = 0, clips_per_class: int = 200, e
     result["teacher"] = {"val_accuracy": accuracy(teacher, vx, vy), "val_clips": len(vy),
                          "train_accuracy": accuracy(teacher, x, y), "arch": TEACHER_ARCH}
     teacher.save_pretrained(out / "teacher")
-    log(f"  teacher val accuracy (dataset val split, {len(vy)} videos): {result['teacher']['val_accuracy']:.3f}")
+    say(f"  teacher val accuracy (dataset val split, {len(vy)} videos): {result['teacher']['val_accuracy']:.3f}")
 
-    log(f"assistant: {ASSISTANT_ARCH}, direction of motion {DIRECTIONS}")
+    say(f"assistant: {ASSISTANT_ARCH}, direction of motion {DIRECTIONS}")
     x, y = make_clips("direction", clips_per_class // 2, seed, spec, size, frames, augment=True)
     hx, hy = make_clips("direction", 25, seed + 1, spec, size, frames, augment=False)
     torch.manual_seed(seed + 1)
     a_config = video_config(**ASSISTANT_ARCH, **tok, labels=DIRECTIONS)
     assistant = VideoMAEForVideoClassification(a_config)
-    train_classifier(assistant, x, y, epochs, seed + 1, flip=False, log=log)  # a flip would swap left/right
+    train_classifier(assistant, x, y, epochs, seed + 1, flip=False, say=say)  # a flip would swap left/right
     result["assistant"] = {"val_accuracy": accuracy(assistant, hx, hy), "val_clips": len(hy),
                            "task": "direction of motion", "classes": DIRECTIONS, "arch": ASSISTANT_ARCH}
     torch.save({"model": to_amd_state_dict(assistant),
                 "args": argparse.Namespace(model="toy_vit", input_size=d.image_size, num_frames=d.num_frames,
                                            nb_classes=len(DIRECTIONS), seed=seed)}, out / "assistant.pth")
     (out / "assistant_config.json").write_text(a_config.to_json_string())
-    log(f"  assistant val accuracy (held-out generated clips): {result['assistant']['val_accuracy']:.3f}")
+    say(f"  assistant val accuracy (held-out generated clips): {result['assistant']['val_accuracy']:.3f}")
 
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "zoo.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def ensure_toy_zoo(cfg, log=print) -> None:
+def ensure_toy_zoo(cfg, say=print) -> None:
     """Build the toy zoo the config points at when the config asks for one and it is missing."""
     z = cfg.models.toy_zoo
     if z is None or (Path(z.dir) / "zoo.json").is_file():
         return
-    log(f"toy zoo missing at {z.dir}: training it (once)")
-    build_zoo(cfg, z.dir, seed=z.seed, clips_per_class=z.clips_per_class, epochs=z.epochs, log=log)
+    say(f"toy zoo missing at {z.dir}: training it (once)")
+    build_zoo(cfg, z.dir, seed=z.seed, clips_per_class=z.clips_per_class, epochs=z.epochs, say=say)

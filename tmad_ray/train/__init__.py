@@ -1,1 +1,2 @@
-"""Training on Ray Train: the per-worker loop, evaluation, export."""
+"""Training on Ray Train: the worker's loop (loop, worker, epoch, metrics), the driver's side (run),
+evaluation and export."""

@@ -5,29 +5,28 @@ Used by ``tmad-ray train`` (one run) and by the search (one run per trial).
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmad_ray.train.loop import STUDENT_DIR, train_loop_per_worker
+from tmad_ray.train.loop import train_loop_per_worker
+from tmad_ray.train.worker import STUDENT_DIR, RunSpec
 
 
-def loop_config(cfg, manifest, report, log_path: str | None, mlflow_run: dict | None = None,
-                started_at: float | None = None, fit_at: float | None = None) -> dict:
-    """What ``train_loop_per_worker`` needs, all plain data (it travels to the workers)."""
+def run_spec(cfg, manifest, report, log_path: str | None, mlflow_run: dict | None = None,
+             started_at: float | None = None, fit_at: float | None = None) -> RunSpec:
+    """What every worker needs, all plain data (it travels to the workers)."""
     targets = report.targets_key if cfg.distill.cache_targets else None
     label_of = {split: {r.path: manifest.label2id[r.label] for r in manifest.rows[split]} for split in ("train", "val")}
-    return {"cfg": cfg.model_dump(), "labels": list(manifest.labels),
-            "train_entries": dict(report.entries["train"]), "val_entries": dict(report.entries["val"]),
-            "train_labels": {v: label_of["train"][v] for v in report.entries["train"]},
-            "val_labels": {v: label_of["val"][v] for v in report.entries["val"]},
-            "log_path": log_path, "mlflow": mlflow_run, "targets_key": targets,
-            # when the run began on the driver's side (the trial's first line in a study): the loop
-            # logs its start-up phases from there (event "startup" in the run's log)
-            "started_at": started_at or time.time(),
-            # when the trial function handed over to Ray Train (its MLflow child run opened)
-            "fit_at": fit_at}
+    return RunSpec(cfg=cfg.model_dump(), labels=list(manifest.labels),
+                   train_entries=dict(report.entries["train"]), val_entries=dict(report.entries["val"]),
+                   train_labels={v: label_of["train"][v] for v in report.entries["train"]},
+                   val_labels={v: label_of["val"][v] for v in report.entries["val"]},
+                   log_path=log_path, mlflow=mlflow_run, targets_key=targets,
+                   # the loop logs its start-up phases from when the run began on the driver's side
+                   started_at=started_at or time.time(), fit_at=fit_at)
 
 
 def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = None, log_path: str | None = None,
@@ -43,7 +42,7 @@ def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = Non
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, manifest, report, log_path, mlflow_run, started_at, fit_at),
+        train_loop_config={"spec": run_spec(cfg, manifest, report, log_path, mlflow_run, started_at, fit_at)},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
@@ -86,3 +85,13 @@ def fit(cfg, manifest, report, name: str, callbacks: list | None = None) -> RunO
     result = trainer.fit()
     metrics, student = export_best(result, run_dir / "best_student")
     return RunOutcome(result, metrics, student)
+
+
+def epoch_history(log_path: Path) -> list[dict]:
+    """The last record of each epoch in a run's log (an epoch redone after a restart counts once)."""
+    by_epoch = {}
+    for line in log_path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "epoch_end":
+            by_epoch[rec["epoch"]] = rec
+    return [by_epoch[e] for e in sorted(by_epoch)]

@@ -12,7 +12,8 @@ from tmad_ray.data.synthetic import write_mp4
 from tmad_ray.models.hf import video_config
 from tmad_ray.train import evaluate as ev
 from tmad_ray.train.export import export_student, load_exported
-from tmad_ray.train.loop import augment, cosine_with_warmup
+from tmad_ray.data.augment import augment
+from tmad_ray.train.worker import cosine_with_warmup
 
 LABELS = ["A", "B1", "B2", "G"]
 
@@ -43,7 +44,7 @@ def test_augment_crops_flips_and_normalizes():
     out = augment(clips, 8, flip=True, gen=g)
     assert out.shape == (6, 4, 3, 8, 8) and out.dtype == torch.float32
     # every output is some 8x8 window of its clip, possibly mirrored
-    from tmad_ray.data.normalize import normalize
+    from tmad_ray.data.augment import normalize
     for c, o in zip(clips, out):
         windows = [normalize(c[None, :, y:y + 8, x:x + 8])[0] for y in range(3) for x in range(3)]
         assert any(torch.allclose(o, w) or torch.allclose(o, w.flip(-1)) for w in windows)
@@ -77,7 +78,7 @@ def test_export_loads_in_the_transformers_pipeline_and_in_eval(tmp_path):
     assert {p["label"] for p in pred} == set(LABELS) and sum(p["score"] for p in pred) == pytest.approx(1, abs=1e-4)
     assert list(clf.image_processor.image_mean) == [0.485, 0.456, 0.406]  # ImageNet, not the 0.5 default
     # the exported processor turns frames into what training fed the student (our normalize)
-    from tmad_ray.data.normalize import normalize
+    from tmad_ray.data.augment import normalize
     frames = np.random.default_rng(1).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
     pixels = clf.image_processor(list(frames), return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(pixels, normalize(frames[None]), atol=2e-2, rtol=0)
@@ -97,7 +98,7 @@ def test_a_process_knows_when_it_was_started():
     import subprocess
     import sys
 
-    code = ("import time; t = time.time(); from tmad_ray.train.loop import process_started_at; "
+    code = ("import time; t = time.time(); from tmad_ray.train.metrics import process_started_at; "
             "print(t - process_started_at())")
     age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert -1.5 <= age < 30  # the interpreter's start, within Linux's one-second boot time

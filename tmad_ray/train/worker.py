@@ -1,0 +1,189 @@
+"""What one Ray Train worker holds for a run, and how it is built.
+
+``RunSpec`` is what the driver hands every worker (plain data: the experiment as a dict, the
+labels, the clip-cache entries of its videos, where to log). ``setup_worker`` turns it into a
+``Worker``: the tri-model (student + projectors under DDP, frozen teacher and assistant), the
+optimizer and schedule, this rank's train and val shards, and the frozen-target reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tmad_ray.data.loader import EvalShard, TrainShard
+from tmad_ray.distill.targets import TargetCache, TargetReader
+from tmad_ray.distill.trimodel import TriModel
+
+STATE_FILE = "state.pt"    # in every checkpoint: what a restarted worker resumes from
+STUDENT_DIR = "student"    # in every checkpoint: the student, loadable with from_pretrained
+
+
+@dataclass
+class RunSpec:
+    """The driver's side of a run, for every worker (``train_loop_config={"spec": RunSpec(...)}``)."""
+
+    cfg: dict                       # the experiment (``Config.model_dump()``)
+    labels: list[str]               # class names; class id = index
+    train_entries: dict[str, str]   # video id -> clip-cache key
+    val_entries: dict[str, str]
+    train_labels: dict[str, int]    # video id -> class id
+    val_labels: dict[str, int]
+    log_path: str | None = None     # rank 0's JSON-lines log of the run
+    # the trial's MLflow child run, logged by rank 0: {"uri", "run_id"} or, in a study,
+    # {"uri", "experiment_id", "study", "trial"} (found by its tags)
+    mlflow: dict | None = None
+    targets_key: str | None = None  # the frozen-target cache, with distill.cache_targets
+    started_at: float | None = None  # when the run began on the driver's side (the trial's first line)
+    fit_at: float | None = None     # when the trial function handed over to TorchTrainer.fit()
+
+
+@dataclass
+class Worker:
+    """One worker's share of the run."""
+
+    cfg: object                     # tmad_ray.config.Config
+    labels: list[str]
+    rank: int
+    world: int
+    device: torch.device
+    autocast: object                # () -> context manager: bf16 autocast on CUDA, nothing on CPU
+    tri: TriModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_shard: TrainShard
+    val_shard: EvalShard
+    targets: TargetReader | None    # cached frozen targets, or None: the frozen models run every step
+    fault: object                   # test-only: (epoch, step) -> None, may kill the process
+    run_log: "RunLog"
+    once: dict = field(default_factory=dict)  # per attempt: shard overlap, student latency
+
+
+def build_trimodel(cfg, labels: list[str]) -> TriModel:
+    """Student (seeded) and, when a distillation term is on, the frozen teacher and assistant."""
+    from tmad_ray.models.hf import frozen_roles, load_models
+
+    torch.manual_seed(cfg.train.seed)  # DDP broadcasts rank 0's weights anyway; this makes runs repeatable
+    models = load_models(cfg, labels, ("student", *frozen_roles(cfg.distill)))
+    return TriModel(models["student"], models.get("teacher"), models.get("assistant"), cfg.distill, labels)
+
+
+def setup_worker(cfg, spec: RunSpec, rank: int, world: int, device: torch.device, prepare_model, checkpoint,
+                 phases: dict) -> tuple[Worker, dict | None]:
+    """Models (``prepare_model``: Ray Train's, DDP when world > 1), optimizer, schedule, shards and
+    targets, restored from ``checkpoint`` (Ray Train's, or None). Returns the worker and the
+    checkpoint's state (None for a fresh run); times its phases into ``phases``."""
+    t = cfg.train
+    mark = time.time()
+    tri = build_trimodel(cfg, spec.labels)
+    phases["models_s"], mark = time.time() - mark, time.time()
+    # student + projectors: to the device, DDP when world > 1 (see ddp_kwargs for unused parameters)
+    tri.wrap(lambda m: prepare_model(m, parallel_strategy_kwargs=ddp_kwargs(cfg)))
+    phases["ddp_s"], mark = time.time() - mark, time.time()
+    optimizer = torch.optim.AdamW(tri.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    train_shard = TrainShard(cfg.storage.clip_cache, spec.train_entries, spec.train_labels, rank=rank, world=world,
+                             seed=t.seed, views=cfg.data.train_views, clip_bytes=train_clip_bytes(cfg),
+                             batch_size=t.batch_size, hold_mb=t.hold_in_memory_mb, window_clips=t.shuffle_window_clips)
+    val_shard = EvalShard(cfg.storage.clip_cache, spec.val_entries, spec.val_labels, rank=rank, world=world,
+                          hold_mb=t.hold_in_memory_mb)
+    steps = math.ceil(train_shard.steps / t.grad_accum) * t.epochs  # optimizer steps of the run
+    scheduler = cosine_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
+    state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=True)
+        tri.core.load_state_dict(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    targets = None
+    if spec.targets_key:
+        d = cfg.distill
+        targets = TargetReader(TargetCache(cfg.storage.clip_cache, spec.targets_key), spec.train_entries,
+                               d.target_views, keep=tri.target_layers(), budget_mb=d.target_cache_reader_mb)
+    else:
+        tri.frozen_to(device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
+        else contextlib.nullcontext
+    w = Worker(cfg, spec.labels, rank, world, device, autocast, tri, optimizer, scheduler, train_shard, val_shard,
+               targets, kill_switch(cfg, rank), RunLog(spec.log_path if rank == 0 else None))
+    phases["data_and_checkpoint_s"] = time.time() - mark
+    return w, state
+
+
+def save_checkpoint(w: Worker, epoch: int, metrics: dict, directory: str) -> None:
+    """``state.pt`` (trainable = student + projectors, optimizer, scheduler, epoch, config, labels,
+    numeric metrics) and the student as a transformers directory (``student/``), loadable as it is."""
+    # Imported here, not at the top: Tune trials and Train controllers import this module too, and
+    # transformers would add seconds to every trial's start for code only the workers run.
+    from tmad_ray.train.export import export_student
+
+    torch.save({"trainable": w.tri.core.state_dict(), "optimizer": w.optimizer.state_dict(),
+                "scheduler": w.scheduler.state_dict(), "epoch": epoch, "config": w.cfg.model_dump(),
+                "labels": w.labels, "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
+               os.path.join(directory, STATE_FILE))
+    export_student(w.tri.core.student, w.cfg.data, os.path.join(directory, STUDENT_DIR),
+                   extra={"epoch": epoch, "val_accuracy": metrics.get("val_accuracy")})
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the base lr, then cosine decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def ddp_kwargs(cfg) -> dict:
+    """Arguments for DDP. With α = 0 no loss reaches the classifier (nor the blocks after the deepest
+    aligned layer), and DDP's reducer then waits for their gradients forever unless told that some
+    parameters may go unused (which costs a graph traversal per step, so only then)."""
+    return {"find_unused_parameters": cfg.distill.alpha == 0}
+
+
+def train_clip_bytes(cfg) -> int:
+    """Bytes of one cached train clip: ``T × S × S × 3`` uint8 with S = ``data.train_short_side``."""
+    d = cfg.data
+    return d.num_frames * d.train_short_side ** 2 * 3
+
+
+def kill_switch(cfg, rank: int):
+    """Test-only (``faults.kill_worker_at``): exit this worker process abruptly at (epoch, step), once."""
+    at = cfg.faults.kill_worker_at
+    if at is None or rank != cfg.faults.kill_worker_rank:
+        return None
+    marker = Path(cfg.storage.output_dir) / f"killed_{cfg.name}_e{at[0]}s{at[1]}"
+
+    def maybe_kill(epoch: int, step: int) -> None:
+        if (epoch, step) == tuple(at) and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(os.getpid()))
+            # Ray Train's controller collects reports by polling workers every 2 s
+            # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a worker that dies sooner after a report takes
+            # that report's checkpoint with it. Wait past two polls so the test checks resuming,
+            # not that race.
+            time.sleep(5)
+            os._exit(1)
+    return maybe_kill
+
+
+class RunLog:
+    """Rank 0's JSON-lines log of the run (attempts, epochs, metrics, start-up); other ranks write nothing."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **fields) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": time.time(), "pid": os.getpid(), **fields}) + "\n")
