@@ -61,6 +61,6 @@ def smoke_zoo(tmp_path_factory, synth_root) -> list[str]:
 
     out = tmp_path_factory.mktemp("zoo")
     cfg = load_config(EXPERIMENTS_DIR / "smoke.yaml", [f"data.root={synth_root}"])
-    build_zoo(cfg, out, seed=0, clips_per_class=8, epochs=1, log=lambda *a: None)
+    build_zoo(cfg, out, seed=0, clips_per_class=8, epochs=1, say=lambda *a: None)
     return [f"models.toy_zoo.dir={out}", f"models.teacher.name={out / 'teacher'}",
             f"models.assistant.path={out / 'assistant.pth'}", f"models.assistant.config={out / 'assistant_config.json'}"]

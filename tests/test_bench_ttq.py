@@ -67,7 +67,7 @@ def test_time_to_quality_runs_both_ways_on_the_same_recipes(synth_root, smoke_zo
     cfg = smoke_config(tmp_path, synth_root, *smoke_zoo, "search.num_samples=2", "search.grace_period=1",
                        "train.epochs=2")
     out = tmp_path / "ttq.json"
-    r = run_ttq_bench(cfg, str(out), seeds=[0], log=lambda *a: None)
+    r = run_ttq_bench(cfg, str(out), seeds=[0], say=lambda *a: None)
     # registering the best student used MLflow's fluent API: its tracking URI must not stay in this
     # process's environment, where every later subprocess (another tune.py) would inherit it
     assert "MLFLOW_TRACKING_URI" not in os.environ
@@ -93,7 +93,7 @@ def test_the_startup_floor_bench_times_empty_ray_train_trials(tmp_path):
     from tmad_ray.bench.startup import run_startup_bench
 
     r = run_startup_bench(str(tmp_path / "startup.json"), trials=1, variants=["health_check_0.5s_1_worker"],
-                          log=lambda *a: None)
+                          say=lambda *a: None)
     v = r["variants"]["health_check_0.5s_1_worker"]
     assert len(v["to_loop_s"]) == 1 and 0 < v["to_loop_median_s"] < v["trial_wall_s"]
     assert set(r["imports_s"]) == {"torch", "ray.train.torch", "transformers VideoMAE", "mlflow"}

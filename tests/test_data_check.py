@@ -89,7 +89,7 @@ def test_cli_json_and_exit_status(dataset_copy):
 
 @pytest.mark.integration
 def test_data_cache_completes_for_the_good_videos(dataset_copy, tmp_path, ray_local):
-    from tmad_ray.cli import prepare_data
+    from tmad_ray.study import prepare_data
     from tmad_ray.data.pipeline import DataError, check_bad_fraction
 
     expected = damage(dataset_copy)

@@ -106,7 +106,8 @@ def test_a_dead_tracking_server_is_found_first_in_seconds(tmp_path):
 
 def test_secrets_are_redacted_everywhere_they_could_leave(tmp_path):
     from tmad_ray import tracking
-    from tmad_ray.search.tuner import log_study_start, mlflow_ui_command
+    from tmad_ray.search.mlflow_runs import log_study_start
+    from tmad_ray.search.results import mlflow_ui_command
 
     uri = "https://alice:hunter2@mlflow.example.com/?token=abc"
     assert tracking.redact(uri) == "https://***@mlflow.example.com/?token=***"
@@ -114,19 +115,19 @@ def test_secrets_are_redacted_everywhere_they_could_leave(tmp_path):
     assert tracking.redact_params({"x.password": "p", "y.api_key": "k", "z": "s3://k:s@b/c"}) == \
         {"x.password": "***", "y.api_key": "***", "z": "s3://***@b/c"}
     cfg = load_config(None, [f"tracking.tracking_uri={uri}"])
-    c = tracking.client(f"sqlite:///{tmp_path / 'm.db'}")
-    run = c.create_run(tracking.experiment_id(c, "t")).info.run_id
-    log_study_start(c, run, cfg)
-    params = c.get_run(run).data.params
+    client = tracking.client(f"sqlite:///{tmp_path / 'm.db'}")
+    run = client.create_run(tracking.experiment_id(client, "t")).info.run_id
+    log_study_start(client, run, cfg)
+    params = client.get_run(run).data.params
     assert not any("hunter2" in v or "abc" == v for v in params.values())
-    config = Path(c.download_artifacts(run, "config.yaml", str(tmp_path))).read_text()
+    config = Path(client.download_artifacts(run, "config.yaml", str(tmp_path))).read_text()
     assert "tracking_uri: https://***@mlflow.example.com/?token=***" in config and "hunter2" not in config
 
 
 def test_the_plan_names_the_tracking_uri_actually_used(monkeypatch):
     from types import SimpleNamespace
 
-    from tmad_ray.cli import search_plan
+    from tmad_ray.study import search_plan
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:pw@tracking.internal:5000")
     cfg = load_config(None)  # the config does not set tracking.tracking_uri: the environment wins

@@ -25,7 +25,7 @@ def registry(tmp_path_factory, synth_root):
     """A tiny exported student registered twice (two studies) from trial runs, as a study's end does."""
     from tmad_ray.data.manifest import load_manifest
     from tmad_ray.models.hf import build_student
-    from tmad_ray.search.tuner import register_student
+    from tmad_ray.search.mlflow_runs import register_student
     from tmad_ray.train.export import export_student
 
     tmp = tmp_path_factory.mktemp("registry")
@@ -37,18 +37,18 @@ def registry(tmp_path_factory, synth_root):
         manifest = load_manifest(synth_root, cfg.data.label_mode)
         student = build_student(cfg.models.student, cfg.data, list(manifest.labels))
         student_dir = export_student(student, cfg.data, tmp / "out" / "best_student")
-        c = tracking.client(uri)
-        exp = tracking.experiment_id(c, cfg.tracking.experiment)
+        client = tracking.client(uri)
+        exp = tracking.experiment_id(client, cfg.tracking.experiment)
         runs, versions = [], []
         for study in ("s-1", "s-2"):
-            parent = tracking.open_parent(c, exp, study)
+            parent = tracking.open_parent(client, exp, study)
             best = {"trial": "t0", "trial_number": 0, **RECIPE, "val_accuracy": 0.5, "epochs": 2}
-            child = tracking.open_child(c, exp, parent, study, "t0", tracking.trial_run_name(best))
-            versions.append(register_student(c, cfg, uri, study, best, child, student_dir, manifest))
+            child = tracking.open_child(client, exp, parent, study, "t0", tracking.trial_run_name(best))
+            versions.append(register_student(client, cfg, uri, study, best, child, student_dir, manifest))
             runs.append(child)
     finally:
         os.chdir(cwd)
-    return {"uri": uri, "c": c, "runs": runs, "versions": versions, "manifest": manifest, "root": synth_root,
+    return {"uri": uri, "client": client, "runs": runs, "versions": versions, "manifest": manifest, "root": synth_root,
             "name": cfg.tracking.registered_model, "tmp": tmp}
 
 
@@ -58,9 +58,9 @@ def videos(reg, split="test", n=2):
 
 
 def test_the_registered_version_says_what_it_is(registry):
-    c, name = registry["c"], registry["name"]
+    client, name = registry["client"], registry["name"]
     assert registry["versions"] == [1, 2]
-    v = c.get_model_version(name, "2")
+    v = client.get_model_version(name, "2")
     assert v.run_id == registry["runs"][1]  # the trial that trained it, not the study
     tags = v.tags
     assert {k: tags[k] for k in ("alpha", "beta", "gamma", "delta", "temperature")} == \
@@ -72,8 +72,8 @@ def test_the_registered_version_says_what_it_is(registry):
     assert tags["test_videos"] == "4"
     assert "Best student of study `s-2`" in v.description and "test_accuracy" in v.description
     # the alias follows the newest study's best
-    assert str(c.get_model_version_by_alias(name, "champion").version) == "2"
-    model = c.get_logged_model(v.source.removeprefix("models:/"))  # the version's MLflow model: its metrics
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    model = client.get_logged_model(v.source.removeprefix("models:/"))  # the version's MLflow model: its metrics
     assert {m.key for m in model.metrics} >= {"test_accuracy", "test_macro_f1"}
 
 

@@ -140,43 +140,43 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def experiment_id(c, name: str) -> str:
-    exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+def experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
 
 
-def find_runs(c, exp_id: str, **tags) -> list:
+def find_runs(client, exp_id: str, **tags) -> list:
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    return c.search_runs([exp_id], filter_string=query, max_results=1000)
+    return client.search_runs([exp_id], filter_string=query, max_results=1000)
 
 
-def open_parent(c, exp_id: str, study: str) -> str:
+def open_parent(client, exp_id: str, study: str) -> str:
     """A new parent run for the study (``--resume`` finds it again through the study's state file)."""
-    return c.create_run(exp_id, run_name=study, tags={STUDY_TAG: study}).info.run_id
+    return client.create_run(exp_id, run_name=study, tags={STUDY_TAG: study}).info.run_id
 
 
-def open_child(c, exp_id: str, parent_id: str, study: str, trial_id: str, run_name: str,
+def open_child(client, exp_id: str, parent_id: str, study: str, trial_id: str, run_name: str,
                description: str = "", trial_number: int | None = None) -> str:
     """A trial's child run; a restarted trial gets its own run back. So does a trial Tune lost: when the
     driver is killed before Tune saved a just-started trial, ``--resume`` samples it again (the same
     number and recipe) under a new trial id, and takes over the run of the lost one."""
-    for r in find_runs(c, exp_id, **{TRIAL_TAG: trial_id, STUDY_TAG: study}):
-        c.update_run(r.info.run_id, status="RUNNING")
+    for r in find_runs(client, exp_id, **{TRIAL_TAG: trial_id, STUDY_TAG: study}):
+        client.update_run(r.info.run_id, status="RUNNING")
         return r.info.run_id
     if trial_number is not None:
-        for r in find_runs(c, exp_id, **{NUMBER_TAG: str(trial_number), STUDY_TAG: study}):
-            c.set_tag(r.info.run_id, TRIAL_TAG, trial_id)
-            c.update_run(r.info.run_id, status="RUNNING")
+        for r in find_runs(client, exp_id, **{NUMBER_TAG: str(trial_number), STUDY_TAG: study}):
+            client.set_tag(r.info.run_id, TRIAL_TAG, trial_id)
+            client.update_run(r.info.run_id, status="RUNNING")
             return r.info.run_id
     tags = {PARENT_TAG: parent_id, STUDY_TAG: study, TRIAL_TAG: trial_id}
     if trial_number is not None:
         tags[NUMBER_TAG] = str(trial_number)
     if description:
         tags[NOTE_TAG] = description
-    return c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
 
-def trial_run_id(c, run: dict, timeout_s: float = 120.0) -> str:
+def trial_run_id(client, run: dict, timeout_s: float = 120.0) -> str:
     """The id of a trial's child run: ``run["run_id"]`` when known, else the run tagged with
     ``run["trial"]`` and ``run["study"]`` in ``run["experiment_id"]``, which the trial function opens
     while Ray Train starts the workers (waited for up to ``timeout_s``)."""
@@ -184,7 +184,7 @@ def trial_run_id(c, run: dict, timeout_s: float = 120.0) -> str:
         return run["run_id"]
     deadline = time.time() + timeout_s
     while True:
-        found = find_runs(c, run["experiment_id"], **{TRIAL_TAG: run["trial"], STUDY_TAG: run["study"]})
+        found = find_runs(client, run["experiment_id"], **{TRIAL_TAG: run["trial"], STUDY_TAG: run["study"]})
         if found:
             return found[0].info.run_id
         if time.time() > deadline:
@@ -222,13 +222,13 @@ def trial_run_name(params: dict, best: float | None = None, stopped_at: int | No
             + recipe_short(params) + (f" (stopped at epoch {stopped_at})" if stopped_at else ""))
 
 
-def log_params(c, run_id: str, params: dict) -> None:
+def log_params(client, run_id: str, params: dict) -> None:
     """Params are immutable in MLflow: a restarted trial logs the same values again, which is allowed."""
     from mlflow.entities import Param
 
     items = [Param(k, str(v)[:6000]) for k, v in redact_params(params).items()]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        c.log_batch(run_id, params=items[i:i + 100])
+        client.log_batch(run_id, params=items[i:i + 100])
 
 
 def metric_key(name: str) -> str:
@@ -245,21 +245,21 @@ def epoch_metrics(metrics: dict) -> dict[str, float]:
     return {k: out[k] for k in first}
 
 
-def log_epoch(c, run_id: str, metrics: dict, labels: list[str]) -> None:
+def log_epoch(client, run_id: str, metrics: dict, labels: list[str]) -> None:
     """Per-epoch metrics (step = epoch; ``best_val_accuracy`` is the best so far, the column to sort
     trials by) and the latest confusion matrix and per-class table."""
     import time
 
     from mlflow.entities import Metric
 
-    from tmad_ray.train.evaluate import plot_confusion
+    from tmad_ray.plots import plot_confusion
 
     step, now = int(metrics["epoch"]), int(time.time() * 1000)
-    c.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in epoch_metrics(metrics).items()])
+    client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in epoch_metrics(metrics).items()])
     with tempfile.TemporaryDirectory() as d:
         plot_confusion(metrics["val_confusion"], labels, os.path.join(d, "confusion_matrix.png"),
                        title=f"val, epoch {step}")
         rows = [{"label": lab, "val_accuracy": metrics["val_per_class"].get(lab),
                  "support": int(sum(metrics["val_confusion"][i]))} for i, lab in enumerate(labels)]
         Path(d, "per_class.json").write_text(json.dumps({"epoch": step, "classes": rows}, indent=1))
-        c.log_artifacts(run_id, d)
+        client.log_artifacts(run_id, d)

@@ -20,7 +20,9 @@ import statistics
 import time
 from pathlib import Path
 
-from tmad_ray.bench import save_figure, write_result
+from tmad_ray.bench import write_result
+from tmad_ray.errors import NotFound
+from tmad_ray.plots import save_figure
 
 TERMS = {"no_beta": "beta", "no_gamma": "gamma", "no_delta": "delta"}
 
@@ -28,8 +30,8 @@ TERMS = {"no_beta": "beta", "no_gamma": "gamma", "no_delta": "delta"}
 def latest_best(cfg) -> Path:
     found = sorted(Path(cfg.storage.output_dir).glob(f"{cfg.name}-*/best.json"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"no finished study of {cfg.name!r} under {cfg.storage.output_dir}: run "
-                                "`python tune.py` first, or use --recipe config")
+        raise NotFound(f"no finished study of {cfg.name!r} under {cfg.storage.output_dir}: run "
+                       "`python tune.py` first, or use --recipe config")
     return found[-1]
 
 
@@ -52,8 +54,8 @@ def recipes(cfg, recipe: str) -> tuple[dict, str]:
 
 
 def run_quality_bench(cfg, out: str, seeds: list[int], recipe: str = "searched", variants: list[str] | None = None,
-                      log=print) -> dict:
-    from tmad_ray.cli import prepare_study
+                      say=print) -> dict:
+    from tmad_ray.study import prepare_study
     from tmad_ray.cluster import init_ray
     from tmad_ray.search.space import apply_params
     from tmad_ray.train.evaluate import evaluate_exported
@@ -75,7 +77,7 @@ def run_quality_bench(cfg, out: str, seeds: list[int], recipe: str = "searched",
             runs.append({"variant": name, "seed": seed, "val_accuracy": outcome.best_metrics["val_accuracy"],
                          "best_epoch": outcome.best_metrics["epoch"], "test_accuracy": ev["accuracy"],
                          "test_macro_f1": ev["macro_f1"], "test_videos": ev["videos"]})
-            log(f"  {name:<10} seed {seed}: val {runs[-1]['val_accuracy']:.3f}  test {ev['accuracy']:.3f}")
+            say(f"  {name:<10} seed {seed}: val {runs[-1]['val_accuracy']:.3f}  test {ev['accuracy']:.3f}")
     summary = {}
     for name in names:
         acc = [r["test_accuracy"] for r in runs if r["variant"] == name]

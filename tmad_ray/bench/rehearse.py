@@ -113,7 +113,7 @@ def study_overrides(work: Path, sizes: dict, trials: int) -> list[str]:
     ]
 
 
-def run_rehearsal(out: str, work: str = "rehearse", tiny: bool = False, trials: int = 2, log=print) -> dict:
+def run_rehearsal(out: str, work: str = "rehearse", tiny: bool = False, trials: int = 2, say=print) -> dict:
     sizes = TINY if tiny else REAL
     work_p = Path(work).resolve()
     work_p.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def run_rehearsal(out: str, work: str = "rehearse", tiny: bool = False, trials: 
     setup_s = time.perf_counter() - t0
     cmd = [sys.executable, str(REPO / "tune.py"), "--config", str(REPO / "experiments" / "xd_violence.yaml"),
            *overrides]
-    log(f"rehearsal in {work_p}: {' '.join(cmd[1:4])} ... ({len(overrides)} overrides)")
+    say(f"rehearsal in {work_p}: {' '.join(cmd[1:4])} ... ({len(overrides)} overrides)")
     t1 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work_p, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     study_s = time.perf_counter() - t1

@@ -31,7 +31,7 @@ from tmad_ray.bench import write_result
 def split_accuracy(student, manifest, split: str, eval_spec, n_labels: int) -> float:
     """Multi-view accuracy of an in-memory student on a split, decoding every video (the reference's way)."""
     from tmad_ray.data.clips import decode_views
-    from tmad_ray.data.normalize import normalize
+    from tmad_ray.data.augment import normalize
     from tmad_ray.train import evaluate as ev
 
     student.eval()
@@ -44,23 +44,27 @@ def split_accuracy(student, manifest, split: str, eval_spec, n_labels: int) -> f
     return ev.metrics_from_confusion(ev.confusion(truth, pred, n_labels), list(range(n_labels)))["accuracy"]
 
 
-def reference_trial(cfg, manifest, params: dict, log=print, test: bool = False) -> dict:
+def reference_trial(cfg, manifest, params: dict, say=print, test: bool = False) -> dict:
     """One trial the reference framework's way: its best val accuracy, seconds, the val accuracy of
     every epoch with the time it was known (``history``: (seconds since the trial began, accuracy)),
-    and with ``test`` the test accuracy of its best-val epoch's student."""
+    and with ``test`` the test accuracy of its best-val epoch's student.
+
+    Long on purpose: the reference framework's trial as that framework writes it, one loop from the
+    models to the last epoch; split into helpers it would no longer show what is being compared."""
     from tmad_ray.data.clips import BadVideo, ViewSpec, decode_views
+    from tmad_ray.data.augment import augment
     from tmad_ray.distill.trimodel import TriModel
-    from tmad_ray.models.hf import build_student, load_assistant, load_teacher
+    from tmad_ray.models.hf import load_models
     from tmad_ray.search.space import apply_params
-    from tmad_ray.train.loop import augment, cosine_with_warmup
+    from tmad_ray.train.worker import cosine_with_warmup
 
     t0 = time.perf_counter()
     run_cfg = apply_params(cfg, params)
     t, d = run_cfg.train, run_cfg.data
     torch.manual_seed(t.seed)
     labels = manifest.labels
-    student = build_student(run_cfg.models.student, d, labels)
-    teacher, assistant = load_teacher(run_cfg.models.teacher.name), load_assistant(run_cfg.models, d)
+    models = load_models(run_cfg, labels, ("student", "teacher", "assistant"))
+    student, teacher, assistant = models["student"], models["teacher"], models["assistant"]
     for m in (student, teacher, assistant):
         m.set_attn_implementation("eager")
         m.config.output_attentions = True
@@ -106,28 +110,38 @@ def reference_trial(cfg, manifest, params: dict, log=print, test: bool = False) 
     if test:
         tri.core.student.load_state_dict(best_state)
         out["test_accuracy"] = split_accuracy(tri.core.student, manifest, "test", eval_spec, len(labels))
-    log(f"  reference trial {params}: best val {best:.3f} in {seconds:.0f} s")
+    say(f"  reference trial {params}: best val {best:.3f} in {seconds:.0f} s")
     return out
 
 
-def run_search_bench(cfg, out: str, trials: int | None = None, epochs: int | None = None, log=print) -> dict:
-    import ray
-
-    from tmad_ray.cli import prepare_study
-    from tmad_ray.cluster import init_ray, local_trials
-    from tmad_ray.search.tuner import TRIAL_CPU, run_study
-
+def bench_config(cfg, trials: int | None, epochs: int | None):
+    """The config's study (or ``trials`` of ``epochs``), every trial to its last epoch, with its own
+    fresh clip cache, results and MLflow store in a new directory."""
     cfg = cfg.model_copy(deep=True)
     if epochs:
         cfg.train.epochs = epochs
-    trials = trials or cfg.search.num_samples  # by default the config's own study
-    cfg.search.num_samples = trials
+    cfg.search.num_samples = trials or cfg.search.num_samples  # by default the config's own study
     cfg.search.grace_period = cfg.train.epochs  # every trial runs all its epochs, in both systems
     work = Path(tempfile.mkdtemp(prefix="bench_search_", dir=Path(cfg.storage.output_dir).parent
                                  if Path(cfg.storage.output_dir).parent.exists() else None))
     cfg.storage.clip_cache, cfg.storage.ray_results = str(work / "clips"), str(work / "ray_results")
     cfg.storage.output_dir = str(work / "outputs")
     cfg.tracking.tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+    return cfg
+
+
+def run_search_bench(cfg, out: str, trials: int | None = None, epochs: int | None = None, say=print) -> dict:
+    """Trials per hour on the same recipes: ``tune.py``'s path from a cold clip cache, the same with the
+    frozen-target cache, and the reference framework's way (one process, decoding every step)."""
+    import ray
+
+    from tmad_ray.cluster import init_ray, local_trials
+    from tmad_ray.study import prepare_study
+    from tmad_ray.search.driver import run_study
+    from tmad_ray.search.trial import TRIAL_CPU
+
+    cfg = bench_config(cfg, trials, epochs)
+    trials = cfg.search.num_samples
     resources = init_ray(cfg, local_trials(cfg), per_run_extra=TRIAL_CPU)  # as many trials at once as tune.py
     torch_threads = torch.get_num_threads()
 
@@ -136,7 +150,7 @@ def run_search_bench(cfg, out: str, trials: int | None = None, epochs: int | Non
     fill_s = time.perf_counter() - t0
     del models
     t0 = time.perf_counter()
-    study = run_study(cfg, manifest, report, resources, log=lambda *a: None)
+    study = run_study(cfg, manifest, report, resources, say=lambda *a: None)
     system_s = fill_s + time.perf_counter() - t0
     recipes = [{k: r[k] for k in ("alpha", "beta", "gamma", "delta", "temperature", "align_layers")}
                for r in study.rows]
@@ -148,7 +162,7 @@ def run_search_bench(cfg, out: str, trials: int | None = None, epochs: int | Non
     targets_s = time.perf_counter() - t0
     del models
     t0 = time.perf_counter()
-    cached = run_study(cached_cfg, manifest, report, resources, log=lambda *a: None)
+    cached = run_study(cached_cfg, manifest, report, resources, say=lambda *a: None)
     cached_s = fill_s + targets_s + time.perf_counter() - t0
     from tmad_ray.data.cache import ClipCache
 
@@ -156,7 +170,7 @@ def run_search_bench(cfg, out: str, trials: int | None = None, epochs: int | Non
 
     ray.shutdown()  # the reference runs alone, with the machine's threads
     torch.set_num_threads(os.cpu_count() or torch_threads)
-    ref = [reference_trial(cfg, manifest, p, log) for p in recipes]
+    ref = [reference_trial(cfg, manifest, p, say) for p in recipes]
     ref_s = sum(r["seconds"] for r in ref)
 
     per_hour = {"system": trials / system_s * 3600, "system_target_cache": trials / cached_s * 3600,

@@ -114,6 +114,15 @@ def _run_variant(cfg_dict: dict, variant: dict, steps: int, warmup: int, threads
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    times, peak_mb, rss0 = _time_steps(step, steps, warmup, device)
+    queue.put({"name": variant["name"], "ms": statistics.median(times) * 1e3,
+               "ms_min": min(times) * 1e3, "clips_per_s": b / statistics.median(times), "peak_mb": peak_mb,
+               "rss_before_steps_mb": rss0 / 1024, "device": device.type})
+
+
+def _time_steps(step, steps: int, warmup: int, device) -> tuple[list[float], float, int]:
+    """Run ``step`` ``warmup`` times, then time ``steps`` of it: (seconds per step, peak MB, peak RSS
+    in KiB before the timed steps)."""
     for _ in range(warmup):
         step()
     if device.type == "cuda":
@@ -131,9 +140,7 @@ def _run_variant(cfg_dict: dict, variant: dict, steps: int, warmup: int, threads
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:  # ru_maxrss is in KiB on Linux; the warm-up steps already reached the step's peak
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"name": variant["name"], "ms": statistics.median(times) * 1e3,
-               "ms_min": min(times) * 1e3, "clips_per_s": b / statistics.median(times), "peak_mb": peak_mb,
-               "rss_before_steps_mb": rss0 / 1024, "device": device.type})
+    return times, peak_mb, rss0
 
 
 def _cached_targets(tri, x, d) -> tuple[dict, torch.Tensor | None]:

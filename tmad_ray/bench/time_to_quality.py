@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from tmad_ray.bench import save_figure, write_result
+from tmad_ray.bench import write_result
+from tmad_ray.plots import save_figure
 
 RECIPE_KEYS = ("alpha", "beta", "gamma", "delta", "temperature", "align_layers")
 
@@ -50,18 +51,19 @@ def time_to_reach(curve: list[tuple[float, float]], target: float) -> float | No
 def study_epochs(trials_dir: Path, t0: float) -> list[tuple[float, float]]:
     """(seconds since ``t0``, val accuracy) of every epoch of every trial, from the trials' own logs."""
     points = []
-    for log in sorted(trials_dir.glob("*/train_log.jsonl")):
-        for line in log.read_text().splitlines():
+    for run_log in sorted(trials_dir.glob("*/train_log.jsonl")):
+        for line in run_log.read_text().splitlines():
             e = json.loads(line)
             if e.get("event") == "epoch_end" and e.get("val_accuracy") is not None:
                 points.append((e["time"] - t0, float(e["val_accuracy"])))
     return points
 
 
-def run_tmad_ray(cfg, work: Path, log=print) -> dict:
+def run_tmad_ray(cfg, work: Path, say=print) -> dict:
     """One study the way ``python tune.py`` runs it, timed from before the preparation."""
-    from tmad_ray.cli import prepare_study
-    from tmad_ray.search.tuner import evaluate_test, run_study
+    from tmad_ray.study import prepare_study
+    from tmad_ray.search.driver import run_study
+    from tmad_ray.search.mlflow_runs import evaluate_test
 
     cfg = cfg.model_copy(deep=True)
     cfg.storage.clip_cache, cfg.storage.ray_results = str(work / "clips"), str(work / "ray_results")
@@ -71,7 +73,7 @@ def run_tmad_ray(cfg, work: Path, log=print) -> dict:
     t0 = time.time()
     manifest, report, models = prepare_study(cfg)  # cold clip cache: its decode counts
     del models
-    study = run_study(cfg, manifest, report, resources, log=lambda *a: None)
+    study = run_study(cfg, manifest, report, resources, say=lambda *a: None)
     seconds = time.time() - t0
     if study.best is None:
         raise RuntimeError(f"study {study.name}: no trial reported a result; its trials' errors are in "
@@ -80,7 +82,7 @@ def run_tmad_ray(cfg, work: Path, log=print) -> dict:
     test = evaluate_test(cfg, study.best_student, manifest)["test_accuracy"]
     recipes = [{k: r[k] for k in RECIPE_KEYS} for r in study.rows]
     best = study.best
-    log(f"  tmad_ray seed {cfg.search.seed}: {seconds:.0f} s, best val {best[cfg.search.metric]:.3f} "
+    say(f"  tmad_ray seed {cfg.search.seed}: {seconds:.0f} s, best val {best[cfg.search.metric]:.3f} "
         f"(trial #{best['trial_number']}), test {test:.3f}; {sum(r['epochs'] for r in study.rows)} epochs in all")
     return {"seconds": seconds, "epochs": [(t, v) for t, v in sorted(points)], "curve": best_so_far(points),
             "best_val_accuracy": best[cfg.search.metric], "chosen": {k: best[k] for k in RECIPE_KEYS},
@@ -91,12 +93,12 @@ def run_tmad_ray(cfg, work: Path, log=print) -> dict:
 
 def _ray_resources(cfg) -> dict:
     from tmad_ray.cluster import init_ray, local_trials
-    from tmad_ray.search.tuner import TRIAL_CPU
+    from tmad_ray.search.trial import TRIAL_CPU
 
     return init_ray(cfg, local_trials(cfg), per_run_extra=TRIAL_CPU, quiet=True, worker_logs=False)
 
 
-def run_seed_way(cfg, recipes: list[dict], log=print) -> dict:
+def run_seed_way(cfg, recipes: list[dict], say=print) -> dict:
     """The same recipes, in order, the seed's way in this process; the clock runs across trials."""
     from tmad_ray.bench.search import reference_trial
     from tmad_ray.data.manifest import load_manifest
@@ -105,20 +107,20 @@ def run_seed_way(cfg, recipes: list[dict], log=print) -> dict:
     manifest = load_manifest(d.root, d.label_mode, d.val_fraction, d.split_seed)
     elapsed, points, trials = 0.0, [], []
     for params in recipes:
-        r = reference_trial(cfg, manifest, params, log=lambda *a: None, test=True)
+        r = reference_trial(cfg, manifest, params, say=lambda *a: None, test=True)
         points += [(elapsed + t, v) for t, v in r["history"]]
         trials.append({"best_val_accuracy": r["best_val_accuracy"], "test_accuracy": r["test_accuracy"],
                        "seconds": r["seconds"]})
         elapsed += r["seconds"]
     chosen = max(range(len(trials)), key=lambda i: trials[i]["best_val_accuracy"])  # the first best, as Tune's
-    log(f"  seed way seed {cfg.train.seed}: {elapsed:.0f} s, best val {trials[chosen]['best_val_accuracy']:.3f} "
+    say(f"  seed way seed {cfg.train.seed}: {elapsed:.0f} s, best val {trials[chosen]['best_val_accuracy']:.3f} "
         f"(trial #{chosen}), test {trials[chosen]['test_accuracy']:.3f}")
     return {"seconds": elapsed, "epochs": points, "curve": best_so_far(points),
             "best_val_accuracy": trials[chosen]["best_val_accuracy"], "chosen": recipes[chosen],
             "test_accuracy": trials[chosen]["test_accuracy"], "trials": trials}
 
 
-def run_ttq_bench(cfg, out: str, seeds: list[int], log=print) -> dict:
+def run_ttq_bench(cfg, out: str, seeds: list[int], say=print) -> dict:
     """Both ways for every seed; tmad_ray's studies first (one Ray), then the seed's way alone."""
     import ray
 
@@ -134,13 +136,13 @@ def run_ttq_bench(cfg, out: str, seeds: list[int], log=print) -> dict:
     for seed in seeds:
         scfg = cfg.model_copy(deep=True)
         scfg.search.seed, scfg.train.seed = seed, seed
-        runs.append({"seed": seed, "tmad_ray": run_tmad_ray(scfg, work / f"seed{seed}", log)})
+        runs.append({"seed": seed, "tmad_ray": run_tmad_ray(scfg, work / f"seed{seed}", say)})
     ray.shutdown()  # the seed's way runs alone, with the machine's threads
     torch.set_num_threads(os.cpu_count() or 1)
     for run in runs:
         scfg = cfg.model_copy(deep=True)
         scfg.train.seed = run["seed"]
-        run["seed_way"] = run_seed_way(scfg, run["tmad_ray"]["recipes"], log)
+        run["seed_way"] = run_seed_way(scfg, run["tmad_ray"]["recipes"], say)
     result = summarize(cfg, runs)
     d = cfg.data
     manifest = load_manifest(d.root, d.label_mode, d.val_fraction, d.split_seed)

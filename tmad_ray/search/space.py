@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from tmad_ray.config import parse_layer_set
+from tmad_ray.schema import parse_layer_set
 
 WEIGHTS = ("alpha", "beta", "gamma", "delta")
 

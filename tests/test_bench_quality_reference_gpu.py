@@ -37,7 +37,7 @@ def test_reference_trial_runs_one_trial_the_reference_way(synth_root, smoke_zoo,
 
     cfg = smoke_config(tmp_path, synth_root, *smoke_zoo, "train.epochs=2")
     r = reference_trial(cfg, load_manifest(synth_root), {"alpha": 1.0, "beta": 1.0, "gamma": 0.5, "delta": 0.5,
-                                                          "temperature": 2.0, "align_layers": "-1"}, log=lambda *a: None,
+                                                          "temperature": 2.0, "align_layers": "-1"}, say=lambda *a: None,
                         test=True)
     assert 0 <= r["best_val_accuracy"] <= 1 and r["seconds"] > 0 and 0 <= r["test_accuracy"] <= 1
     # one val accuracy per epoch, timed within the trial; the best is the best of them

@@ -1,0 +1,107 @@
+"""One trial of a study: a Tune function trainable that trains the sampled recipe on Ray Train.
+
+``trial_fn`` runs in the trial's own process (one CPU, ``TRIAL_CPU``): it opens the trial's MLflow
+child run in a thread (``ChildRun``) while it builds a ``TorchTrainer`` for the recipe and fits it
+(Ray Train V2 refuses ``Tuner(TorchTrainer)``); ``TuneReportCallback`` forwards each epoch's
+report to Tune. How a trial ended is decided by the driver from Tune's results, not here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmad_ray import tracking
+from tmad_ray.search.space import apply_params
+
+TRIAL_CPU = 1  # the trial function's own CPU (Tune refuses an empty request); its Train workers hold theirs
+
+
+@dataclass
+class StudyContext:
+    """What every trial of a study gets from the driver (``tune.with_parameters``: stored once in
+    Ray's object store, not pickled per trial)."""
+
+    name: str
+    cfg: dict                 # the experiment (``Config.model_dump()``); the trial applies its recipe
+    manifest: object          # tmad_ray.data.manifest.Manifest
+    report: object            # tmad_ray.data.pipeline.CacheReport: the clip-cache entries
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    trials_dir: str           # <output_dir>/<study>/trials: each trial's train_log.jsonl
+    train_storage: str        # Ray Train's storage_path for the trials' runs (local or a URI)
+
+
+def trial_fn(params: dict, study: StudyContext) -> None:
+    """One trial: the sampled recipe trained on Ray Train, reported to Tune epoch by epoch."""
+    started_at = time.time()
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tmad_ray.config import config_from_dict
+    from tmad_ray.train.run import build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = apply_params(config_from_dict(study.cfg), params)
+    # The child run is opened beside Ray Train's start (importing MLflow and opening its store take
+    # ~2.5 s here); rank 0 finds it by its tags when it first logs.
+    opening = ChildRun(study, trial_id, params, cfg)
+    opening.start()
+    trial_dir = Path(study.trials_dir) / trial_id
+    trainer = build_trainer(cfg, study.manifest, study.report, name=trial_id,
+                            callbacks=[TuneReportCallback()], log_path=str(trial_dir / "train_log.jsonl"),
+                            mlflow_run={"uri": study.tracking_uri, "experiment_id": study.experiment_id,
+                                        "study": study.name, "trial": trial_id},
+                            storage_path=study.train_storage, started_at=started_at, fit_at=time.time())
+    # Tune kills the trial as soon as its last epoch is reported (ASHA stops at max_t too), and fit()
+    # may raise while the trial's process shuts down, so neither an exception here nor code after fit()
+    # says how the trial ended: the driver closes the child runs from Tune's results at the end.
+    try:
+        trainer.fit()
+    finally:
+        opening.join()
+    if opening.error is not None:
+        raise opening.error
+
+
+class ChildRun(threading.Thread):
+    """Opens a trial's MLflow child run (or reopens a restarted trial's) and logs its params, in a
+    thread of the trial function; ``error`` holds what went wrong."""
+
+    def __init__(self, study: StudyContext, trial_id: str, params: dict, cfg):
+        super().__init__(name=f"mlflow-child-{trial_id}", daemon=True)
+        self.study, self.trial_id, self.params, self.cfg = study, trial_id, params, cfg
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        study, params = self.study, self.params
+        try:
+            client = tracking.client(study.tracking_uri)
+            run_id = tracking.open_child(client, study.experiment_id, study.parent_run_id, study.name,
+                                         self.trial_id, tracking.trial_run_name(params),
+                                         trial_description(params, study.name, self.trial_id),
+                                         trial_number=params.get("trial_number"))
+            logged = {**{k: params[k] for k in sorted(params)}, **fixed_params(self.cfg)}
+            if "align_layers" in logged:
+                logged["align_layers"] = tracking.layers_param(logged["align_layers"])
+            tracking.log_params(client, run_id, logged)
+        except BaseException as e:  # noqa: BLE001 (re-raised by the trial function)
+            self.error = e
+
+
+def trial_description(params: dict, study: str, trial_id: str) -> str:
+    """The run's description in MLflow (markdown): which trial of which study, and its recipe."""
+    return (f"Trial #{params.get('trial_number', '?')} of study `{study}` (Tune trial `{trial_id}`): "
+            f"{tracking.recipe_short(params)}")
+
+
+def fixed_params(cfg) -> dict:
+    """The parts of a trial's recipe that the search does not sample (logged with every child run)."""
+    s = cfg.models.student
+    return {"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
+            "num_workers": cfg.train.num_workers, "teacher_weight": cfg.distill.teacher_weight,
+            "assistant_weight": cfg.distill.assistant_weight,
+            "student": s.name or s.size or f"{s.depth}x{s.width}x{s.heads}", "teacher": cfg.models.teacher.name}

@@ -1,0 +1,94 @@
+"""Preparing a study (or one training run) on the driver, before any trial starts.
+
+``prepare_study(cfg)``: the embedded dataset generated if the config asks for it, every clip
+decoded once into the clip cache (bad videos counted against ``data.max_bad_fraction``), the
+teacher, assistant and student loaded and checked for one tokenization, and, with
+``distill.cache_targets``, the frozen models' targets computed once. Then ``search_plan`` and
+``describe_models`` say in words what will run. ``tmad-ray tune`` / ``tune.py``, ``tmad-ray train``
+and the benchmarks all start here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def prepare_data(cfg, quiet: bool = False):
+    """Generate the embedded dataset if the config asks for it, then fill the clip cache.
+
+    Returns ``(manifest, report)``; the data report is written to ``<output_dir>/data_report.json``.
+    """
+    import ray
+
+    from tmad_ray.data.manifest import load_manifest
+    from tmad_ray.data.pipeline import fill_cache
+    from tmad_ray.data.synthetic import ensure_synthetic
+
+    ensure_synthetic(cfg.data)
+    manifest = load_manifest(cfg.data.root, cfg.data.label_mode, cfg.data.val_fraction, cfg.data.split_seed)
+    if quiet:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    report = fill_cache(manifest, cfg)
+    out = Path(cfg.storage.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data_report.json").write_text(json.dumps(report.as_dict(), indent=1))
+    return manifest, report
+
+
+def prepare_study(cfg):
+    """Data cached once (bad fraction checked), every model loaded and, with ``distill.cache_targets``,
+    the frozen models' targets computed once: (manifest, report, models)."""
+    from tmad_ray.data.pipeline import check_bad_fraction
+    from tmad_ray.models.hf import load_models
+    from tmad_ray.models.toyzoo import ensure_toy_zoo
+
+    manifest, report = prepare_data(cfg)
+    check_bad_fraction(report, cfg.data.max_bad_fraction)
+    ensure_toy_zoo(cfg)
+    models = load_models(cfg, manifest.labels)
+    if cfg.distill.cache_targets:
+        from tmad_ray.distill.targets import build_target_cache
+
+        stats = build_target_cache(cfg, report, {"teacher": models["teacher"], "assistant": models["assistant"]},
+                                   models["student"].config.num_hidden_layers, manifest.labels,
+                                   workers=cfg.train.num_workers)
+        report.targets_key = stats["key"]
+    return manifest, report, models
+
+
+def search_plan(cfg, manifest, report) -> str:
+    """What a study of this config will run, in words."""
+    from tmad_ray.tracking import redact, resolve_tracking_uri
+
+    s, t, d = cfg.search, cfg.train, cfg.distill
+    split_sizes = ", ".join(f"{k} {len(v)}" for k, v in manifest.rows.items())
+    space = ", ".join(f"{k} {getattr(s, k)} (log)" for k in ("alpha", "beta", "gamma", "delta"))
+    lines = [
+        f"study {cfg.name!r}",
+        f"  data      {manifest.root}: {split_sizes}; labels {manifest.labels}",
+        f"  clips     {report.decoded} videos decoded, {report.reused} reused, {len(report.bad)} bad; "
+        f"cache {report.cache}",
+        f"  search    {s.num_samples} trials, {s.algorithm.upper()} (seed {s.seed}), "
+        f"ASHA on epoch (grace {s.grace_period}, reduction {s.reduction_factor:g}, max {t.epochs}) "
+        f"-> {s.mode} {s.metric}",
+        f"  space     {space}, temperature {s.temperature}, layer sets {s.align_layer_sets}"
+        + (f", lr {s.lr} (log)" if s.lr else ""),
+        f"  trial     {t.num_workers} DDP workers x {t.cpus_per_worker:g} CPU{' + 1 GPU' if t.use_gpu else ''}, "
+        f"{t.epochs} epochs, batch {t.batch_size}; defaults alpha={d.alpha} beta={d.beta} gamma={d.gamma} "
+        f"delta={d.delta} T={d.temperature} layers={d.align_layers}",
+        f"  tracking  {redact(resolve_tracking_uri(cfg.tracking))} (experiment {cfg.tracking.experiment!r})",
+    ]
+    return "\n".join(lines)
+
+
+def describe_models(models: dict) -> str:
+    """One line per model: class, depth x width, heads, parameters, head."""
+    lines = []
+    for role, m in models.items():
+        conf = m.config
+        head = f"{conf.num_labels} classes" if hasattr(m, "classifier") else "no classifier (features only)"
+        lines.append(f"  {role:<9} {type(m).__name__}: {conf.num_hidden_layers} blocks x {conf.hidden_size} wide, "
+                     f"{conf.num_attention_heads} heads, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
+                     f"{head}")
+    return "\n".join(lines)
