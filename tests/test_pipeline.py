@@ -31,6 +31,9 @@ def test_entry_round_trip_and_atomic_write(tmp_path):
     ids, back = cache.read_clips("ab" * 32)
     assert ids == ["videos/x.mp4"] * 3
     np.testing.assert_array_equal(back, clips)
+    assert cache.lookup("ab" * 32) == ("clips", None)
+    cache.write_bad("ef" * 32, "videos/y.mp4", "no video stream")
+    assert cache.lookup("ef" * 32) == ("bad", "no video stream")
 
     # A write that fails half-way leaves neither an entry nor a temporary file behind.
     def broken(f):

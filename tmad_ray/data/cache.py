@@ -95,8 +95,9 @@ class ClipCache:
                                         store.path(*self.entry_parts(key, ".bad.json"))])
         if infos[0].type == pafs.FileType.File:
             return "clips", None
-        if infos[1].type == pafs.FileType.File:
-            return "bad", json.loads(store.read_bytes(*self.entry_parts(key, ".bad.json")))["reason"]
+        if infos[1].type == pafs.FileType.File:  # read it as listed: no second round trip to check it exists
+            with store.fs.open_input_stream(infos[1].path) as f:
+                return "bad", json.loads(f.read())["reason"]
         return "missing", None
 
     def write_clips(self, key: str, video_id: str, clips: np.ndarray) -> None:
