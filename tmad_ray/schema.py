@@ -201,6 +201,8 @@ class SearchConfig(_Strict):
     mode: Literal["max", "min"] = "max"
     seed: int = 0
     algorithm: Literal["tpe", "nsga2"] = "tpe"
+    # TPE's random trials before it models results; null: a third of num_samples (at least 2).
+    startup_trials: int | None = Field(None, ge=1)
     objectives: list[str] | None = None
     alpha: list[float] = [0.3, 3.0]
     beta: list[float] = [0.1, 10.0]
@@ -220,6 +222,13 @@ class SearchConfig(_Strict):
     @classmethod
     def _bounds(cls, v: list[float] | None, info) -> list[float] | None:
         return None if v is None else _check_bounds(f"search.{info.field_name}", v)
+
+    @model_validator(mode="after")
+    def _startup(self) -> "SearchConfig":
+        if self.startup_trials is not None and self.startup_trials > self.num_samples:
+            raise ValueError(f"startup_trials ({self.startup_trials}) must be at most num_samples "
+                             f"({self.num_samples}): TPE would never model a result")
+        return self
 
     @field_validator("student_depths")
     @classmethod

@@ -23,7 +23,6 @@ from tmad_ray import tracking
 from tmad_ray.errors import UserError
 from tmad_ray.search import mlflow_runs
 from tmad_ray.search.results import objective_modes, pareto_front, pareto_table, results_table, rows_csv, trial_rows
-from tmad_ray.search.space import space_for
 from tmad_ray.search.trial import TRIAL_CPU, StudyContext, trial_fn
 from tmad_ray.storage import Storage
 
@@ -116,30 +115,17 @@ def study_name(cfg, resume: str | bool | None) -> tuple[str, bool]:
 def build_tuner(cfg, study: StudyContext, max_concurrent: int, resume_path: str | None):
     """A new ``Tuner`` (Optuna TPE + ASHA, or NSGA-II + FIFO for several objectives), or the study at
     ``resume_path`` restored with its searcher's state and its errored trials run again."""
-    import optuna
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
-    s = cfg.search
+    from tmad_ray.search.searcher import build_searcher  # imports Optuna: only when a study starts
+
     trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_fn, study=study), {"CPU": TRIAL_CPU})
     if resume_path is not None:
         return ray.tune.Tuner.restore(resume_path, trainable=trainable, resume_errored=True)
-    objectives, modes = objective_modes(cfg)
-    if len(objectives) > 1:
-        searcher = OptunaSearch(space=space_for(s), metric=objectives, mode=modes,
-                                sampler=optuna.samplers.NSGAIISampler(seed=s.seed))
-        scheduler = FIFOScheduler()  # ASHA stops on one metric; with several, every trial runs to the end
-    else:
-        sampler = (optuna.samplers.NSGAIISampler(seed=s.seed) if s.algorithm == "nsga2"
-                   else optuna.samplers.TPESampler(seed=s.seed))
-        searcher = OptunaSearch(space=space_for(s), metric=s.metric, mode=s.mode, sampler=sampler)
-        scheduler = ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=cfg.train.epochs,
-                                  grace_period=min(s.grace_period, cfg.train.epochs),
-                                  reduction_factor=s.reduction_factor)
+    searcher, scheduler = build_searcher(cfg)
     return ray.tune.Tuner(
         trainable,
-        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
+        tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.search.num_samples,
                                         max_concurrent_trials=max_concurrent),
         run_config=ray.tune.RunConfig(name=study.name, storage_path=cfg.storage.ray_results,
                                       failure_config=ray.tune.FailureConfig(max_failures=1), verbose=1,
@@ -332,6 +318,6 @@ def export_trial_student(cfg, study: str, trial: str, out: Path) -> Path:
 
     from tmad_ray.train.run import export_best
 
-    _, student = export_best(ray.train.Result.from_path(Storage(cfg.storage.ray_results).uri(study, "train", trial)),
-                             out)
+    result = ray.train.Result.from_path(Storage(cfg.storage.ray_results).uri(study, "train", trial))
+    _, student = export_best(result, out, cfg.search.metric, cfg.search.mode)
     return student

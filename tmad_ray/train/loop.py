@@ -38,7 +38,8 @@ def train_loop_per_worker(config: dict) -> None:
     w, state = setup_worker(cfg, spec, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
                             ray.train.torch.prepare_model, checkpoint, phases)
     start = state["epoch"] if state else 0
-    best = state["metrics"].get(f"best_{cfg.search.metric}") if state else None  # best_<metric> in every report
+    # best_<metric> and best_<objective> ride in every report, so a resumed run takes them back from its checkpoint
+    best = {k: v for k, v in state["metrics"].items() if k.startswith("best_")} if state else {}
     w.run_log.write(event="start", epoch=start, world=w.world, resumed=state is not None)
     if state is None:
         phases = {**driver_phases(spec.started_at, spec.fit_at, entered), **phases}
@@ -65,10 +66,22 @@ def train_loop_per_worker(config: dict) -> None:
 
         # ---- report (all-reduced, so rank 0's metrics are the global ones)
         metrics = {**epoch_metrics(w, epoch, tr, va, train_s, first), "epoch_s": time.perf_counter() - t0}
-        if cfg.search.metric in metrics:
-            value, pick = metrics[cfg.search.metric], (max if cfg.search.mode == "max" else min)
-            best = metrics[f"best_{cfg.search.metric}"] = value if best is None else pick(best, value)
-        report(w, epoch, metrics, mlflow_run, header=first)
+        best = best_so_far(cfg, metrics, best)
+        report(w, epoch, {**metrics, **best}, mlflow_run, header=first)
+
+
+def best_so_far(cfg, metrics: dict, best: dict) -> dict:
+    """``best_<metric>``: the best ``search.metric`` over the epochs so far, and ``best_<objective>``:
+    each other objective at that same epoch. It is what the searcher and ASHA are told, and the epoch
+    whose checkpoint is exported, so a trial is judged by the student it would hand back, not by its
+    last epoch. ``best`` is the previous epochs' (empty at first); the new one is returned."""
+    s = cfg.search
+    if s.metric not in metrics:
+        return best
+    old, new = best.get(f"best_{s.metric}"), metrics[s.metric]
+    if old is not None and not (new > old if s.mode == "max" else new < old):
+        return best
+    return {f"best_{k}": metrics[k] for k in dict.fromkeys([s.metric, *(s.objectives or [])]) if k in metrics}
 
 
 def report(w: Worker, epoch: int, metrics: dict, mlflow_run: dict | None, header: bool) -> None:

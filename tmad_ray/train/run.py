@@ -51,9 +51,10 @@ def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = Non
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not every report's metrics
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures,
                                                    controller_failure_limit=cfg.search.controller_failure_limit),
+            # kept and picked by what the search optimizes, the same number the searcher is told
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep,
-                                                         checkpoint_score_attribute="val_accuracy",
-                                                         checkpoint_score_order="max")),
+                                                         checkpoint_score_attribute=cfg.search.metric,
+                                                         checkpoint_score_order=cfg.search.mode)),
     )
 
 
@@ -64,9 +65,10 @@ class RunOutcome:
     student_dir: Path | None
 
 
-def export_best(result, out_dir: str | Path) -> tuple[dict, Path]:
-    """Copy the student of the best checkpoint (by val_accuracy) to ``out_dir``."""
-    best = result.get_best_checkpoint("val_accuracy", "max") if result.best_checkpoints else None
+def export_best(result, out_dir: str | Path, metric: str, mode: str) -> tuple[dict, Path]:
+    """Copy the student of the best checkpoint (by ``metric``, ``mode``: the config's ``search.metric``
+    and ``search.mode``) to ``out_dir``."""
+    best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
     if best is None:
         raise RuntimeError("the run reported no checkpoint: nothing to export")
     metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
@@ -83,7 +85,7 @@ def fit(cfg, manifest, report, name: str, callbacks: list | None = None) -> RunO
     run_dir = Path(cfg.storage.output_dir) / name
     trainer = build_trainer(cfg, manifest, report, name, callbacks, log_path=str(run_dir / "train_log.jsonl"))
     result = trainer.fit()
-    metrics, student = export_best(result, run_dir / "best_student")
+    metrics, student = export_best(result, run_dir / "best_student", cfg.search.metric, cfg.search.mode)
     return RunOutcome(result, metrics, student)
 
 
