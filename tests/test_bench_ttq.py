@@ -2,6 +2,7 @@
 and ``bench startup``, the floor under a trial's start-up."""
 
 import json
+import math
 import os
 
 import pytest
@@ -33,7 +34,7 @@ def _side(seconds, points, best, test):
             "epochs_trained": 10}
 
 
-def test_the_verdict_says_when_tmad_ray_reaches_the_seed_ways_best(tmp_path):
+def test_time_to_target_is_read_off_both_curves_the_same_way(tmp_path):
     cfg = smoke_config(tmp_path, tmp_path)
     runs = [{"seed": 0, "seed_way": _side(400.0, [(100.0, 0.5), (300.0, 0.6)], 0.6, 0.55),
              "tmad_ray": _side(200.0, [(50.0, 0.4), (100.0, 0.6), (150.0, 0.7)], 0.7, 0.65)},
@@ -41,23 +42,28 @@ def test_the_verdict_says_when_tmad_ray_reaches_the_seed_ways_best(tmp_path):
              "tmad_ray": _side(200.0, [(80.0, 0.5)], 0.5, 0.45)},
             {"seed": 2, "seed_way": _side(500.0, [(100.0, 0.5)], 0.5, 0.5),
              "tmad_ray": _side(200.0, [(150.0, 0.5)], 0.5, 0.55)}]
-    r = summarize(cfg, runs)
-    assert [x["tmad_ray_reaches_seed_best_s"] for x in r["runs"]] == [100.0, None, 150.0]
-    assert r["runs"][0]["reach_fraction"] == 0.25 and r["runs"][2]["reach_fraction"] == 0.3
+    r = summarize(cfg, runs, teacher_test=0.65)
+    best, near, teacher = r["summary"]["time_to_target"]
+    assert [best["target"], near["target"], teacher["target"]] == ["seed_way_best", "95%_of_seed_way_best",
+                                                                  "teacher_test_accuracy"]
+    # seed 0: the seed way first has 0.6 at 300 s, tmad_ray at 100 s (not "100 s of the seed way's 400")
+    assert best["seed_way_s"] == [300.0, 100.0, 100.0] and best["tmad_ray_s"] == [100.0, None, 150.0]
+    assert best["ratio"][0] == pytest.approx(3.0) and best["ratio"][2] == pytest.approx(100 / 150)
+    # tmad_ray never reaches seed 1's 0.7: ratio 0 (infinitely slow), kept in the median, not left out
+    assert best["ratio"][1] == 0.0 and best["median_ratio"] == pytest.approx(100 / 150)
+    # 95 % of 0.6 = 0.57: the seed way has it at 300 s; 95 % of 0.7 = 0.665 is still out of tmad_ray's reach
+    assert near["seed_way_s"] == [300.0, 100.0, 100.0] and near["tmad_ray_s"] == [100.0, None, 150.0]
+    # 0.65: only tmad_ray's seed 0 and the seed way's seed 1 get there; seed 2 neither: left out and counted
+    assert teacher["ratio"] == [math.inf, 0.0, None] and teacher["neither_reached"] == 1
     s = r["summary"]
-    # the seed that never gets there counts as the slowest, not left out: the median is 0.3, not 0.275
-    assert s["reached"] == "2 of 3" and s["reach_fraction_median"] == pytest.approx(0.3)
     assert s["tmad_ray_test"]["mean"] == pytest.approx(0.55) and s["seed_way_test"]["mean"] == pytest.approx(0.55)
     assert s["tmad_ray_test"]["sd"] == pytest.approx(0.1)
     r.update(videos={"train": 8, "val": 4, "test": 4}, chance=0.25, machine={"cpus": 2}, benchmark_minutes=3.0)
     table = format_table(r)
-    assert "| 1 | 400 | 0.700 | 0.600 | 200 | 0.500 | 0.450 | 10 of 4 | never |" in table
-    assert "100 s (25 % of the seed way's time)" in table
-    assert table.endswith("tmad_ray reaches the seed way's best in 30 % of its time (median over the seeds; it gets "
-                          "there in 2 of 3); chosen recipes score 0.550 ± 0.100 (tmad_ray) vs 0.550 ± 0.050 (seed way) "
-                          "on test")
-    never = summarize(cfg, [runs[1], runs[1], runs[0]])["summary"]
-    assert never["reach_fraction_median"] is None and never["reached"] == "1 of 3"
+    assert "| 1 | 400 | 0.700 | 0.600 | 200 | 0.500 | 0.450 | 10 of 4 |" in table
+    assert "| seed_way_best | 300 s, 100 s, 100 s | 100 s, never, 150 s | 3.00×, 0.00×, 0.67× | 0.67× |" in table
+    assert table.endswith("tmad_ray is 0.67× the seed way's speed (median of 3 seeds; > 1 means tmad_ray gets there "
+                          "sooner); chosen recipes score 0.550 ± 0.100 (tmad_ray) vs 0.550 ± 0.050 (seed way) on test")
     assert plot(r, str(tmp_path / "ttq.png")) and (tmp_path / "ttq.png").stat().st_size > 1000
 
 
@@ -84,6 +90,10 @@ def test_time_to_quality_runs_both_ways_on_the_same_recipes(synth_root, smoke_zo
         assert 0 <= side["test_accuracy"] <= 1
         assert side["curve"][-1][1] == side["best_val_accuracy"]
     assert r["videos"] == {"train": 8, "val": 4, "test": 4}
+    assert 0 <= r["teacher_test_accuracy"] <= 1  # the toy teacher has the dataset's labels
+    assert [t["target"] for t in r["summary"]["time_to_target"]] == ["seed_way_best", "95%_of_seed_way_best",
+                                                                     "teacher_test_accuracy"]
+    assert run["time_to_target"][0]["seed_way_s"] is not None  # the seed way reaches its own best
     assert (tmp_path / "ttq.png").stat().st_size > 1000
 
 
