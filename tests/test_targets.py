@@ -150,3 +150,41 @@ def test_augmentations_are_fixed_per_view_and_the_key_follows_the_weights(tmp_pa
     stats = build_target_cache(cfg, report, {"teacher": teacher}, 2, LABELS, say=lambda *a: None)
     again = build_target_cache(cfg, report, {"teacher": teacher}, 2, LABELS, say=lambda *a: None)
     assert (stats["computed"], again["computed"], again["reused"]) == (3, 0, 3)
+
+
+def test_the_key_covers_every_setting_that_shapes_a_target_and_old_formats_are_named(tmp_path):
+    import copy
+    import json
+
+    from tmad_ray.distill import targets
+
+    cfg, report, _ = setup(tmp_path)
+    _, teacher, assistant = models()
+    frozen = {"teacher": teacher, "assistant": assistant}
+    key = plan(cfg, 2, frozen, LABELS)["key"]
+    changed = {
+        "query rows": setup(tmp_path / "q", attn_query_tokens=8)[0],
+        "augmentations": setup(tmp_path / "k", target_views=3)[0],
+        "layer sets": config_from_dict({**cfg.model_dump(), "search": {"align_layer_sets": ["-1"]}}),
+        "flips": config_from_dict({**cfg.model_dump(), "train": {**cfg.train.model_dump(), "flip": False}}),
+    }
+    for what, other in changed.items():
+        assert plan(other, 2, frozen, LABELS)["key"] != key, what
+    # the same weights with another head count: other attention maps, so another key
+    regrouped = copy.deepcopy(teacher)
+    regrouped.config.num_attention_heads = teacher.config.num_attention_heads * 2
+    assert plan(cfg, 2, {"teacher": regrouped, "assistant": assistant}, LABELS)["key"] != key
+    assert plan(cfg, 2, frozen, LABELS)["format"] == targets.FORMAT
+
+    # a cache of an older format (or one written before spec.json) is named once, not used
+    lines = []
+    build_target_cache(cfg, report, {"teacher": teacher}, 2, LABELS, say=lines.append)
+    assert not any("older format" in line for line in lines)
+    store = TargetCache(cfg.storage.clip_cache, "old").store
+    store.write_text(json.dumps({"format": targets.FORMAT - 1}), "targets", "oldformat", targets.SPEC_FILE)
+    store.write_bytes(b"x", "targets", "nospec", "ab", "abab.pt")
+    lines = []
+    again = build_target_cache(cfg, report, {"teacher": teacher}, 2, LABELS, say=lines.append)
+    (note,) = [line for line in lines if "older format" in line]
+    assert "2 cache(s)" in note and "nospec" in note and "oldformat" in note and f"format {targets.FORMAT} now" in note
+    assert again["reused"] == 3  # this key's own entries are still read

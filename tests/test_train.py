@@ -87,8 +87,10 @@ def test_each_worker_trains_on_its_own_share(synth_root, smoke_zoo, tmp_path, ra
 def test_a_killed_worker_resumes_from_the_last_checkpoint(synth_root, smoke_zoo, tmp_path, ray_local):
     from tmad_ray.train.run import fit
 
+    # attention rows sampled (attn_query_tokens) and accumulation on: what must survive the restart exactly
     cfg, manifest, report = prepared(tmp_path, synth_root, smoke_zoo, "train.epochs=3", "train.max_failures=2",
-                                     "faults.kill_worker_at=[2,1]", "faults.kill_worker_rank=1")
+                                     "faults.kill_worker_at=[2,1]", "faults.kill_worker_rank=1",
+                                     "distill.attn_query_tokens=8", "distill.gamma=1.0", "train.grad_accum=2")
     out = fit(cfg, manifest, report, "killed")
     assert out.result.error is None and out.result.metrics["epoch"] == 3
     assert list(Path(cfg.storage.output_dir).glob("killed_*")), "the kill switch never fired"
@@ -98,6 +100,16 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(synth_root, smoke_zoo,
     epoch_starts = [e["epoch"] for e in events if e["event"] == "epoch_start"]
     assert epoch_starts == [1, 2, 2, 3]            # epoch 1 was not redone; the interrupted epoch 2 was
     assert [h["epoch"] for h in epoch_history(Path(cfg.storage.output_dir) / "killed" / "train_log.jsonl")] == [1, 2, 3]
+
+    # The same run, never killed: the resumed one continued bit for bit (weights, optimizer, schedule,
+    # data order, crops and the sampled attention rows all come back from the checkpoint or the epoch's seed)
+    cfg.faults.kill_worker_at = None
+    fit(cfg, manifest, report, "unbroken")
+
+    def history(name):
+        return [{k: h[k] for k in ("epoch", "train_loss", "train_attn", "val_loss", "val_accuracy")}
+                for h in epoch_history(Path(cfg.storage.output_dir) / name / "train_log.jsonl")]
+    assert history("killed") == history("unbroken")
 
 
 def test_training_reads_the_frozen_target_cache(synth_root, smoke_zoo, tmp_path, ray_local):

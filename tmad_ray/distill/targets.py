@@ -10,8 +10,11 @@ head-averaged attention maps there (for a fixed set of query rows per view when
 Augmentation stays honest: with the cache on, training draws one of the K fixed augmentations
 per clip and step (never a crop whose targets were not computed), so a trial sees K variants of
 each view instead of fresh random crops. The entries live beside the clip cache under
-``targets/<key>/``, where the key covers the models' weights (checksums), the layers, K, the grid,
-the query rows and the tokenization: change any and the targets are computed again.
+``targets/<key>/``, where the key covers the models' weights (checksums) and configurations (head
+counts shape the attention maps), the layers, K, the grid, the query rows, the tokenization, the
+storage dtype and ``FORMAT`` (the entries' layout): change any and the targets are computed again.
+Each key's ``spec.json`` records what it was built from, so caches of an older format are named
+once (and can be deleted) instead of silently lying beside the new one.
 
 Size and memory: ``entry_bytes`` gives an entry's size from the plan, so the study prints the
 whole cache's size first and refuses one above ``distill.target_cache_max_gb`` (at xd_violence's
@@ -41,6 +44,10 @@ from tmad_ray.errors import UserError
 from tmad_ray.storage import Storage
 
 
+FORMAT = 2  # the entries' layout; raise it when what an entry holds or how it is computed changes
+SPEC_FILE = "spec.json"
+
+
 def _digest(*parts) -> bytes:
     return hashlib.sha256("#".join(map(str, parts)).encode()).digest()
 
@@ -62,7 +69,8 @@ def candidate_layers(cfg, student_depth: int) -> list[int]:
 
 
 def model_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
+    """The weights and the configuration (the head count is not in the weights but shapes attention)."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -128,7 +136,7 @@ def plan(cfg, student_depth: int, frozen: dict[str, torch.nn.Module], labels: li
     spec = {"models": models, "student_depth": student_depth, "K": d.target_views, "flip": cfg.train.flip,
             "attn": cfg.search.gamma[1] > 0 or d.gamma > 0, "query": d.attn_query_tokens,
             "time": d.asym_time or grid[0], "space": d.asym_space, "grid": grid, "image": cfg.data.image_size,
-            "aug": AUG_VERSION}
+            "aug": AUG_VERSION, "dtype": "float16", "format": FORMAT}
     spec["key"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
     return spec
 
@@ -175,6 +183,11 @@ def build_target_cache(cfg, report, frozen: dict[str, torch.nn.Module], student_
             f"than distill.target_cache_max_gb={cfg.distill.target_cache_max_gb:g}. Shrink it (distill.target_views, "
             "distill.attn_query_tokens, fewer search.align_layer_sets), raise distill.target_cache_max_gb if the "
             "storage has room, or set distill.cache_targets=false (the frozen models then run in every step)")
+    old = older_formats(cfg.storage.clip_cache, spec["key"])
+    if old:
+        say(f"frozen targets: {len(old)} cache(s) of an older format under {Storage(cfg.storage.clip_cache).uri('targets')} "
+            f"are not used (format {FORMAT} now): delete {', '.join(old)} to free the space")
+    store.store.write_text(json.dumps(spec, sort_keys=True, indent=1), "targets", spec["key"], SPEC_FILE)
     todo = [(v, k) for v, k in entries if not store.has(k)]
     t0 = time.perf_counter()
     if todo and workers is None:
@@ -194,6 +207,19 @@ def build_target_cache(cfg, report, frozen: dict[str, torch.nn.Module], student_
     say(f"frozen targets {spec['key']}: {stats['computed']} videos computed, {stats['reused']} reused in "
         f"{seconds:.1f} s, {stats['bytes'] / 2**20:.1f} MB")
     return stats
+
+
+def older_formats(clip_cache_uri: str, key: str) -> list[str]:
+    """The other target caches beside this one whose ``spec.json`` is of another format, or absent
+    (written before there was one)."""
+    store, old = Storage(clip_cache_uri), []
+    for d in store.subdirs("targets"):
+        if d == key:
+            continue
+        text = store.read_text("targets", d, SPEC_FILE) if store.is_file("targets", d, SPEC_FILE) else None
+        if text is None or json.loads(text).get("format") != FORMAT:
+            old.append(d)
+    return old
 
 
 def _compute_task(frozen: dict, spec: dict, cfg_dict: dict, todo: list, batch_size: int) -> None:

@@ -231,12 +231,15 @@ class TriModel(nn.Module):
             f.model.to(device)
         return self
 
-    def _query_idx(self, device) -> torch.Tensor | None:
+    def query_rows(self, device, gen: torch.Generator | None = None) -> torch.Tensor | None:
+        """``attn_query_tokens`` attention query rows drawn from ``gen`` (a CPU generator; the training
+        loop passes its per-epoch one, seeded by seed, rank and epoch, so a run resumed from a
+        checkpoint draws the same rows as an unbroken one); None when every row is used."""
         n = self.grid[0] * self.grid[1] * self.grid[2]
         k = self.cfg.attn_query_tokens
         if not self.needs.attn or k is None or k >= n:
             return None
-        return torch.randperm(n, device=device)[:k]
+        return torch.randperm(n, generator=gen)[:k].to(device)
 
     def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
         time = self.cfg.asym_time or self.grid[0]
@@ -248,7 +251,7 @@ class TriModel(nn.Module):
         ``{model: {"feats"|"attn"|"grid": {frozen layer: [B,...]}, "logits": [B,C]}}``, instead of
         running them; ``query_idx`` then gives the attention rows they were computed for."""
         if query_idx is None:
-            query_idx = self._query_idx(pixel_values.device)
+            query_idx = self.query_rows(pixel_values.device)
         student = self.trainable(pixel_values, query_idx)
         frozen = {}
         for name, f in self.frozen.items():

@@ -27,7 +27,8 @@ def accumulation(step: int, steps: int, grad_accum: int) -> tuple[bool, int]:
 def train_epoch(w, epoch: int, gen: torch.Generator) -> dict:
     """One pass over this rank's clips (``w.train_shard``: ``steps`` batches); returns the loss terms
     summed over clips and the clip count (to be all-reduced), the steps, the clips seen and the step
-    times. Crops and flips come from ``gen``, or, with the frozen-target cache, from the cache."""
+    times. Crops, flips and sampled attention rows come from ``gen`` (seeded by seed, rank and epoch,
+    so a resumed run repeats an unbroken one), or, with the frozen-target cache, from the cache."""
     t = w.cfg.train
     tri, device = w.tri, w.device
     tri.trainable.train()
@@ -42,6 +43,7 @@ def train_epoch(w, epoch: int, gen: torch.Generator) -> dict:
         cached, query = None, None
         if w.targets is None:
             x = augment(clips, w.cfg.data.image_size, t.flip, gen)
+            query = tri.query_rows(device, gen)
         else:  # one of the K augmentations whose frozen targets are cached
             params, query, cached = w.targets.batch(batch["video_id"], batch["view"], gen, device)
             x = crop_flip(clips, params, w.cfg.data.image_size)
