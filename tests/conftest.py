@@ -60,7 +60,17 @@ def smoke_zoo(tmp_path_factory, synth_root) -> list[str]:
     from tmad_ray.models.toyzoo import build_zoo
 
     out = tmp_path_factory.mktemp("zoo")
-    cfg = load_config(EXPERIMENTS_DIR / "smoke.yaml", [f"data.root={synth_root}"])
+    # with a masked-autoencoder pretrained student (smoke-sized), as the embedded default has
+    cfg = load_config(EXPERIMENTS_DIR / "smoke.yaml", [
+        f"data.root={synth_root}", "models.toy_zoo.student={depth: 2, width: 32, heads: 2, clips: 16, epochs: 1}"])
     build_zoo(cfg, out, seed=0, clips_per_class=8, epochs=1, say=lambda *a: None)
     return [f"models.toy_zoo.dir={out}", f"models.teacher.name={out / 'teacher'}",
             f"models.assistant.path={out / 'assistant.pth'}", f"models.assistant.config={out / 'assistant_config.json'}"]
+
+
+@pytest.fixture(scope="session")
+def pretrained_student(smoke_zoo) -> list[str]:
+    """The override that fine-tunes the smoke zoo's pretrained student (a ``save_pretrained`` directory
+    of ``VideoMAEForPreTraining``, as ``MCG-NJU/videomae-base`` is) instead of a from-scratch one."""
+    zoo = Path(smoke_zoo[0].split("=", 1)[1])
+    return [f"models.student={{name: {zoo / 'student'}}}"]

@@ -25,9 +25,19 @@ def test_xd_violence_uses_real_models_and_gpus():
     cfg = load_config(EXPERIMENTS_DIR / "xd_violence.yaml")
     assert cfg.models.teacher.name == "MCG-NJU/videomae-base"
     assert (cfg.models.assistant.arch, cfg.models.assistant.dataset) == ("vit-s", "ssv2")
-    assert cfg.models.student.size == "vit-s"
+    assert cfg.models.student.name == "MCG-NJU/videomae-base"  # fine-tuned, as the reference framework does
     assert (cfg.data.num_frames, cfg.data.image_size) == (16, 224)
     assert cfg.train.use_gpu
+    small = load_config(EXPERIMENTS_DIR / "xd_violence_small.yaml")
+    assert small.models.student.name == "MCG-NJU/videomae-small-finetuned-kinetics"
+    assert small.models.teacher == cfg.models.teacher and small.storage.output_dir != cfg.storage.output_dir
+
+
+def test_the_embedded_default_fine_tunes_the_zoos_pretrained_student():
+    cfg = load_config(None)
+    zoo = Path(cfg.models.toy_zoo.dir)
+    assert cfg.models.student.name == str(zoo / "student")  # a path in the zoo even before the zoo exists
+    assert cfg.models.toy_zoo.student is not None
 
 
 def test_overrides_are_parsed_as_yaml_and_nested():
@@ -57,8 +67,8 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("data.num_frames=2", "<root>", "1 time step"),
 ])
 def test_bad_values_fail_naming_the_key(override, key, words):
-    with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+    with pytest.raises(ConfigError) as e:  # a sized student: its tokenization is known before it loads
+        load_config(None, [override, "models.student={depth: 4, width: 96, heads: 3, patch_size: 8}"])
     msg = str(e.value)
     assert f"  {key}" in msg and words in msg, msg
 

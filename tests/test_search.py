@@ -197,7 +197,7 @@ def stop_head(temp_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def submitted_study(synth_root, smoke_zoo, tmp_path_factory):
+def submitted_study(synth_root, smoke_zoo, pretrained_student, tmp_path_factory):
     """The smoke study (2 trials x 2 epochs) submitted with `ray job submit` to a `ray start --head`
     on this machine; returns (its folder, the job's output). Shared by the tests that read the study."""
     tmp_path = tmp_path_factory.mktemp("submitted")
@@ -214,7 +214,7 @@ def submitted_study(synth_root, smoke_zoo, tmp_path_factory):
             submit = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
                  str(REPO), "--runtime-env-json", runtime_env, "--", "python", "tune.py", "--config",
-                 "experiments/smoke.yaml", *study_overrides(tmp_path, synth_root, smoke_zoo)],
+                 "experiments/smoke.yaml", *study_overrides(tmp_path, synth_root, smoke_zoo, *pretrained_student)],
                 env=env(RAY_ADDRESS=""), capture_output=True, text=True, timeout=900)
             out = submit.stdout + submit.stderr
             if "No available agent to submit job" not in out:

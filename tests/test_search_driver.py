@@ -92,17 +92,22 @@ def test_study_names_and_resume(tmp_path):
         study_name(cfg, "nope")
 
 
+SIZED = "models.student={depth: 4, width: 96, heads: 3, patch_size: 8}"
+
+
 def test_student_depth_is_searched_only_for_depth_width_heads_students():
-    cfg = load_config(None, ["search.student_depths=[2,4]", "search.align_layer_sets=[\"-1\",\"-1,-2\"]"])
+    cfg = load_config(None, ["search.student_depths=[2,4]", "search.align_layer_sets=[\"-1\",\"-1,-2\"]", SIZED])
     trial = optuna.create_study().ask()
     space_for(cfg.search)(trial)
     assert trial.params["student_depth"] in (2, 4)
     assert apply_params(cfg, {"student_depth": 2}).models.student.depth == 2
     check_layer_sets(cfg, 4)
     with pytest.raises(StudyError, match="-1,-2,-3"):
-        check_layer_sets(load_config(None, ["search.student_depths=[2,4]"]), 4)  # "-1,-2,-3" needs depth 3
+        check_layer_sets(load_config(None, ["search.student_depths=[2,4]", SIZED]), 4)  # "-1,-2,-3" needs depth 3
     with pytest.raises(StudyError, match="depth/width/heads"):
         check_layer_sets(load_config(None, ["search.student_depths=[2]", "models.student={size: vit-s}"]), 12)
+    with pytest.raises(StudyError, match="depth/width/heads"):  # a pretrained student's depth is its own
+        check_layer_sets(load_config(None, ["search.student_depths=[2]"]), 4)
     with pytest.raises(Exception, match="objectives"):
         load_config(None, ["search.objectives=[val_accuracy,latency]"])
 

@@ -54,3 +54,45 @@ def test_zoo_writes_a_teacher_and_an_amd_assistant_that_the_normal_loaders_load(
     assert assistant.config.id2label == dict(enumerate(DIRECTIONS))
     x = torch.randn(1, cfg.data.num_frames, 3, cfg.data.image_size, cfg.data.image_size)
     assert assistant(pixel_values=x).logits.shape == (1, 4)
+
+
+@pytest.mark.integration
+def test_the_zoos_pretrained_student_loads_like_a_hub_student_with_a_new_head(synth_root, tmp_path):
+    """The student is a masked autoencoder saved as VideoMAE-base is (``VideoMAEForPreTraining``, no
+    classifier); ``models.student.name`` loads its backbone strictly and adds a head for the labels.
+    A zoo made before it had a student gets one added, its teacher untouched."""
+    from tmad_ray.models.hf import build_student
+    from tmad_ray.models.toyzoo import ensure_toy_zoo
+
+    zoo = tmp_path / "zoo"
+    cfg = smoke_config(tmp_path, synth_root, "data.synthetic={seed: 0, videos_per_class: 4, size: 32, frames: 16}",
+                       f"models.toy_zoo.dir={zoo}", f"models.student={{name: {zoo / 'student'}}}",
+                       "models.toy_zoo.student={depth: 2, width: 32, heads: 2, clips: 16, epochs: 3}")
+    assert cfg.models.student.name == str(zoo / "student")
+    r = build_zoo(cfg, zoo, seed=0, clips_per_class=4, epochs=1, say=lambda s: None)
+    loss = r["student"]["reconstruction_loss"]
+    assert len(loss) == 3 and loss[-1] < loss[0]  # it learned something from unlabeled clips
+    assert json.loads((zoo / "student" / "config.json").read_text())["architectures"] == ["VideoMAEForPreTraining"]
+
+    labels = ["A", "B1", "B2", "G"]
+    student = build_student(cfg.models.student, cfg.data, labels)
+    assert student.reinitialized == ["classifier", "fc_norm"] and student.config.id2label == dict(enumerate(labels))
+    from transformers import VideoMAEForPreTraining
+
+    mae = VideoMAEForPreTraining.from_pretrained(zoo / "student")
+    for k, v in mae.videomae.state_dict().items():  # the whole backbone came from the checkpoint
+        assert torch.equal(student.videomae.state_dict()[k], v), k
+    sized = smoke_config(tmp_path, synth_root)
+    assert not hasattr(build_student(sized.models.student, sized.data, labels), "reinitialized")
+
+    # an older zoo without a student: ensure_toy_zoo pretrains just the student
+    teacher_bytes = (zoo / "teacher" / "model.safetensors").read_bytes()
+    import shutil
+
+    shutil.rmtree(zoo / "student")
+    said = []
+    ensure_toy_zoo(cfg, say=said.append)
+    assert any("has no pretrained student" in s for s in said)
+    assert (zoo / "student" / "config.json").is_file()
+    assert (zoo / "teacher" / "model.safetensors").read_bytes() == teacher_bytes
+    assert "student" in json.loads((zoo / "zoo.json").read_text())

@@ -32,11 +32,17 @@ def run(*args, cwd=REPO):
                           env=env, timeout=900)
 
 
-def test_train_command_then_eval_and_pipeline(synth_root, smoke_zoo, tmp_path):
+def test_train_command_then_eval_and_pipeline(synth_root, smoke_zoo, pretrained_student, tmp_path):
+    """As users run it: a pretrained student fine-tuned with every term on (projectors, attention at two
+    layers, the relational grid), 2 DDP workers, then the exported student evaluated and piped."""
     overrides = [f"data.root={synth_root}", "data.synthetic=null", f"storage.clip_cache={tmp_path / 'clips'}",
-                 f"storage.output_dir={tmp_path / 'out'}", f"storage.ray_results={tmp_path / 'ray'}", *smoke_zoo]
+                 f"storage.output_dir={tmp_path / 'out'}", f"storage.ray_results={tmp_path / 'ray'}", *smoke_zoo,
+                 *pretrained_student, "distill.align_layers=[-1,-2]"]
     r = run("train", "--config", str(REPO / "experiments" / "smoke.yaml"), "--name", "cli", *overrides)
     assert r.returncode == 0, r.stderr[-4000:]
+    # the new head is said once, on the driver; the backbone came from the checkpoint
+    assert r.stdout.count("new classifier + fc_norm for these labels") == 1, r.stdout[-3000:]
+    assert "pretrained from" in r.stdout and "student" in r.stdout
     assert "epoch train_loss train_ce val_loss val_acc" in r.stdout
     rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 8]
     assert [row[0] for row in rows] == ["1", "2"]

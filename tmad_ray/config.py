@@ -91,10 +91,11 @@ def config_from_dict(tree: dict, source: str = "<dict>", base: Path | None = Non
     cfg.models.cache_dir = _absolute(cfg.models.cache_dir, base)
     if cfg.models.toy_zoo is not None:
         cfg.models.toy_zoo.dir = _absolute(cfg.models.toy_zoo.dir, base)
-        # The toy zoo's teacher is a directory that may not exist yet: it is a path, not a hub name.
-        zoo_teacher = Path(cfg.models.toy_zoo.dir) / "teacher"
-        if cfg.models.teacher.name and (base / cfg.models.teacher.name).resolve() == zoo_teacher:
-            cfg.models.teacher.name = str(zoo_teacher)
+        # The toy zoo's teacher and student are directories that may not exist yet: paths, not hub names.
+        for model, sub in ((cfg.models.teacher, "teacher"), (cfg.models.student, "student")):
+            in_zoo = Path(cfg.models.toy_zoo.dir) / sub
+            if model.name and (base / model.name).resolve() == in_zoo:
+                model.name = str(in_zoo)
     for field in ("clip_cache", "ray_results", "output_dir"):
         setattr(cfg.storage, field, _absolute(getattr(cfg.storage, field), base))
     for field in ("path", "config"):

@@ -125,6 +125,24 @@ class ToyZooConfig(_Strict):
     seed: int = 0
     clips_per_class: int = Field(200, ge=4)
     epochs: int = Field(12, ge=1)
+    # the zoo's tokenization (the student's too when it is the zoo's pretrained one)
+    patch_size: int = Field(8, ge=1)
+    tubelet_size: int = Field(2, ge=1)
+    # A pretrained student (``<dir>/student``), masked-autoencoder pretrained on unlabeled clips of the
+    # generator's direction task: the embedded default fine-tunes it through models.student.name.
+    student: "ToyStudentConfig | None" = None
+
+
+class ToyStudentConfig(_Strict):
+    depth: int = Field(4, ge=1)
+    width: int = Field(96, ge=8)
+    heads: int = Field(3, ge=1)
+    clips: int = Field(400, ge=8)       # unlabeled pretraining clips (~25 s for 12 epochs on 2 cores)
+    epochs: int = Field(12, ge=1)
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+
+
+ToyZooConfig.model_rebuild()
 
 
 class ModelsConfig(_Strict):

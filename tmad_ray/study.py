@@ -88,6 +88,11 @@ def describe_models(models: dict) -> str:
     for role, m in models.items():
         conf = m.config
         head = f"{conf.num_labels} classes" if hasattr(m, "classifier") else "no classifier (features only)"
+        if getattr(m, "reinitialized", None):
+            head += (f"; pretrained from {conf.name_or_path}, new {' + '.join(m.reinitialized)} for these labels "
+                     "(initialized at random, trained from here)")
+        elif role == "student":
+            head += "; from scratch (no pretrained weights: models.student gives a size, not a name)"
         lines.append(f"  {role:<9} {type(m).__name__}: {conf.num_hidden_layers} blocks x {conf.hidden_size} wide, "
                      f"{conf.num_attention_heads} heads, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
                      f"{head}")

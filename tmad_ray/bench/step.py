@@ -23,6 +23,7 @@ import platform
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,16 +42,36 @@ def _arch(cfg, role: str) -> tuple[int, int, int]:
     return REAL_ARCH["vit-b" if role == "teacher" else (cfg.models.assistant.arch or "vit-s")]
 
 
+def student_shape(cfg) -> tuple[tuple[int, int, int], dict]:
+    """(depth, width, heads) and tokenization (patch, tubelet) of the config's student: a preset or
+    explicit size as given; a pretrained one from its ``config.json``, or from the toy zoo's plan
+    before the zoo is built. Step timings need the shapes only, never the weights."""
+    from tmad_ray.models.hf import STUDENT_PRESETS
+
+    s, z = cfg.models.student, cfg.models.toy_zoo
+    if s.name is None:
+        arch = STUDENT_PRESETS[s.size] if s.size else (s.depth, s.width, s.heads)
+        return arch, {"patch_size": s.patch_size, "tubelet_size": s.tubelet_size}
+    if z is not None and z.student is not None and Path(s.name) == Path(z.dir) / "student":
+        return ((z.student.depth, z.student.width, z.student.heads),
+                {"patch_size": z.patch_size, "tubelet_size": z.tubelet_size})
+    from transformers import VideoMAEConfig
+
+    c = VideoMAEConfig.from_pretrained(s.name)
+    return ((c.num_hidden_layers, c.hidden_size, c.num_attention_heads),
+            {"patch_size": c.patch_size, "tubelet_size": c.tubelet_size})
+
+
 def build_models(cfg, labels: list[str], seed: int = 0, teacher_arch=None, assistant_arch=None):
     """Random-weight student / teacher / assistant with the config's tokenization."""
     from transformers import VideoMAEForVideoClassification
 
-    from tmad_ray.models.hf import STUDENT_PRESETS, video_config
+    from tmad_ray.models.hf import video_config
 
-    d, s = cfg.data, cfg.models.student
-    tok = dict(image_size=d.image_size, num_frames=d.num_frames, patch_size=s.patch_size, tubelet_size=s.tubelet_size)
+    d = cfg.data
+    student_arch, patch = student_shape(cfg)
+    tok = dict(image_size=d.image_size, num_frames=d.num_frames, **patch)
     torch.manual_seed(seed)
-    student_arch = STUDENT_PRESETS[s.size] if s.size else (s.depth, s.width, s.heads)
     student = VideoMAEForVideoClassification(video_config(*student_arch, labels=labels, **tok))
     teacher = VideoMAEForVideoClassification(video_config(*(teacher_arch or _arch(cfg, "teacher")), labels=labels, **tok))
     assistant = VideoMAEForVideoClassification(
@@ -174,10 +195,7 @@ def variants(cfg, attn_ks: list[int]) -> list[dict]:
 
 def run_step_bench(cfg, out: str, steps: int = 10, warmup: int = 2, attn_ks: list[int] | None = None,
                    threads: int | None = None) -> dict:
-    from tmad_ray.models.hf import STUDENT_PRESETS
-
-    s = cfg.models.student
-    depth = STUDENT_PRESETS[s.size][0] if s.size else (s.depth or 12)
+    (depth, _, _), patch = student_shape(cfg)
     attn_ks = attn_ks or sorted({1, min(2, depth), depth})
     for k in attn_ks:
         if not 1 <= k <= depth:
@@ -197,15 +215,15 @@ def run_step_bench(cfg, out: str, steps: int = 10, warmup: int = 2, attn_ks: lis
     base = rows[0]["ms"]
     for r in rows:
         r["vs_student"] = r["ms"] / base
-    student_cfg = cfg.models.student
+    (sd, sw, sh), patch = student_shape(cfg)
     result = {
         "benchmark": "step",
         "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "platform": platform.platform(),
                     "device": rows[0]["device"],
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "shape": {"batch": cfg.train.batch_size, "frames": cfg.data.num_frames, "image": cfg.data.image_size,
-                  "patch": student_cfg.patch_size, "tubelet": student_cfg.tubelet_size},
-        "models": {"student": student_cfg.size or f"{student_cfg.depth}x{student_cfg.width}x{student_cfg.heads}",
+                  "patch": patch["patch_size"], "tubelet": patch["tubelet_size"]},
+        "models": {"student": f"{sd}x{sw}x{sh}",
                    "teacher": "x".join(map(str, _arch(cfg, "teacher"))),
                    "assistant": "x".join(map(str, _arch(cfg, "assistant")))},
         "steps": steps, "rows": rows,

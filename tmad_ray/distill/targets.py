@@ -12,9 +12,8 @@ per clip and step (never a crop whose targets were not computed), so a trial see
 each view instead of fresh random crops. The entries live beside the clip cache under
 ``targets/<key>/``, where the key covers the models' weights (checksums) and configurations (head
 counts shape the attention maps), the layers, K, the grid, the query rows, the tokenization, the
-storage dtype and ``FORMAT`` (the entries' layout): change any and the targets are computed again.
-Each key's ``spec.json`` records what it was built from, so caches of an older format are named
-once (and can be deleted) instead of silently lying beside the new one.
+storage dtype and ``FORMAT`` (the entries' layout): change any and the targets are computed again;
+caches of an older format are named once (each key's ``spec.json`` says what it was built from).
 
 Size and memory: ``entry_bytes`` gives an entry's size from the plan, so the study prints the
 whole cache's size first and refuses one above ``distill.target_cache_max_gb`` (at xd_violence's
@@ -185,8 +184,8 @@ def build_target_cache(cfg, report, frozen: dict[str, torch.nn.Module], student_
             "storage has room, or set distill.cache_targets=false (the frozen models then run in every step)")
     old = older_formats(cfg.storage.clip_cache, spec["key"])
     if old:
-        say(f"frozen targets: {len(old)} cache(s) of an older format under {Storage(cfg.storage.clip_cache).uri('targets')} "
-            f"are not used (format {FORMAT} now): delete {', '.join(old)} to free the space")
+        say(f"frozen targets: {len(old)} cache(s) of an older format under {store.store.uri('targets')} are not used "
+            f"(format {FORMAT} now): delete {', '.join(old)} to free the space")
     store.store.write_text(json.dumps(spec, sort_keys=True, indent=1), "targets", spec["key"], SPEC_FILE)
     todo = [(v, k) for v, k in entries if not store.has(k)]
     t0 = time.perf_counter()
@@ -210,8 +209,7 @@ def build_target_cache(cfg, report, frozen: dict[str, torch.nn.Module], student_
 
 
 def older_formats(clip_cache_uri: str, key: str) -> list[str]:
-    """The other target caches beside this one whose ``spec.json`` is of another format, or absent
-    (written before there was one)."""
+    """The other target caches beside this one whose ``spec.json`` is of another format, or absent."""
     store, old = Storage(clip_cache_uri), []
     for d in store.subdirs("targets"):
         if d == key:

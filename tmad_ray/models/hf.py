@@ -93,7 +93,9 @@ def load_teacher(name: str) -> torch.nn.Module:
 
 
 def build_student(student_cfg, data_cfg, labels: list[str]) -> VideoMAEForVideoClassification:
-    """The trainable student with a classifier for ``labels``."""
+    """The trainable student with a classifier for ``labels``. A pretrained one (``name``) keeps its
+    backbone and gets a new classifier (and ``fc_norm`` when its checkpoint has none, as VideoMAE's
+    pretraining checkpoints do); ``model.reinitialized`` names those modules."""
     s = student_cfg
     if s.name is not None:
         _resolve_config(s.name)  # a clear error when it cannot be found
@@ -106,6 +108,8 @@ def build_student(student_cfg, data_cfg, labels: list[str]) -> VideoMAEForVideoC
                if not k.startswith(("classifier.", "fc_norm."))]
         if new:
             raise ModelError(f"student {s.name}: backbone weights missing from the checkpoint: {new[:10]}")
+        # what starts from scratch (a new head for these labels): the study says it once, describe_models
+        model.reinitialized = sorted({k.split(".")[0] for k in [*info.get("missing_keys", []), *mismatched]})
         return model
     depth, width, heads = STUDENT_PRESETS[s.size] if s.size else (s.depth, s.width, s.heads)
     config = video_config(depth, width, heads, image_size=data_cfg.image_size, num_frames=data_cfg.num_frames,
