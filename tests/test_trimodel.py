@@ -89,6 +89,33 @@ def test_projectors_are_trainable_and_frozen_models_are_not_parameters():
     assert not any("projectors" in k for k in tri.core.student.state_dict())
 
 
+def test_weight_decay_spares_biases_and_norms():
+    """AdamW's groups (``train.worker.param_groups``): with no gradient at all, a step still shrinks the
+    decayed matrices, and leaves biases and LayerNorm gains exactly as they were."""
+    from tmad_ray.train.worker import param_groups
+
+    student, teacher, assistant = models()
+    tri = TriModel(student, teacher, assistant, distill(), LABELS)
+    decay, no_decay = param_groups(tri, 0.1)
+    trainable = [p for p in tri.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable) and no_decay["weight_decay"] == 0.0
+    named = dict(tri.named_parameters())
+    ln = named["trainable.student.videomae.encoder.layer.0.layernorm_before.weight"]
+    bias = named["trainable.student.videomae.encoder.layer.0.attention.attention.query.bias"]
+    w = named["trainable.student.videomae.encoder.layer.0.attention.attention.query.weight"]
+    assert any(p is ln for p in no_decay["params"]) and any(p is bias for p in no_decay["params"])
+    assert any(p is w for p in decay["params"])
+    grouped = {id(p) for p in decay["params"] + no_decay["params"]}
+    assert not any(id(q) in grouped for q in teacher.parameters())  # frozen: in no group
+    before = {k: v.detach().clone() for k, v in (("ln", ln), ("bias", bias), ("w", w))}
+    opt = torch.optim.AdamW([decay, no_decay], lr=0.5)
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(ln, before["ln"]) and torch.equal(bias, before["bias"])
+    assert torch.allclose(w, before["w"] * (1 - 0.5 * 0.1))
+
+
 @pytest.mark.parametrize("term", ["beta", "gamma", "delta"])
 def test_each_term_reaches_the_student_and_never_the_frozen_models(term):
     student, teacher, assistant = models()

@@ -56,7 +56,7 @@ def reference_trial(cfg, manifest, params: dict, say=print, test: bool = False) 
     from tmad_ray.distill.trimodel import TriModel
     from tmad_ray.models.hf import load_models
     from tmad_ray.search.space import apply_params
-    from tmad_ray.train.worker import cosine_with_warmup
+    from tmad_ray.train.worker import cosine_with_warmup, param_groups
 
     t0 = time.perf_counter()
     run_cfg = apply_params(cfg, params)
@@ -69,7 +69,7 @@ def reference_trial(cfg, manifest, params: dict, say=print, test: bool = False) 
         m.set_attn_implementation("eager")
         m.config.output_attentions = True
     tri = TriModel(student, teacher, assistant, run_cfg.distill, labels)
-    opt = torch.optim.AdamW(tri.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(param_groups(tri, t.weight_decay), lr=t.lr)  # as the Trainer the reference uses
     items = [(r, v) for r in manifest.rows["train"] for v in range(d.train_views)]
     # train.batch_size is per worker: one process takes the system's global batch, so that both
     # make the same optimizer steps on the same number of clips (same recipe, same training).

@@ -75,6 +75,15 @@ def build_trimodel(cfg, labels: list[str]) -> TriModel:
     return TriModel(models["student"], models.get("teacher"), models.get("assistant"), cfg.distill, labels)
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups: weight decay on matrices (linear and patch-embedding weights), none on biases,
+    norm weights and other 1-D parameters, as Hugging Face's Trainer and most recipes do (decaying a
+    LayerNorm's gain towards 0 only fights the normalization). Frozen parameters are left out."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def setup_worker(cfg, spec: RunSpec, rank: int, world: int, device: torch.device, prepare_model, checkpoint,
                  phases: dict) -> tuple[Worker, dict | None]:
     """Models (``prepare_model``: Ray Train's, DDP when world > 1), optimizer, schedule, shards and
@@ -87,7 +96,7 @@ def setup_worker(cfg, spec: RunSpec, rank: int, world: int, device: torch.device
     # student + projectors: to the device, DDP when world > 1 (see ddp_kwargs for unused parameters)
     tri.wrap(lambda m: prepare_model(m, parallel_strategy_kwargs=ddp_kwargs(cfg)))
     phases["ddp_s"], mark = time.time() - mark, time.time()
-    optimizer = torch.optim.AdamW(tri.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(tri, t.weight_decay), lr=t.lr)
     train_shard = TrainShard(cfg.storage.clip_cache, spec.train_entries, spec.train_labels, rank=rank, world=world,
                              seed=t.seed, views=cfg.data.train_views, clip_bytes=train_clip_bytes(cfg),
                              batch_size=t.batch_size, hold_mb=t.hold_in_memory_mb, window_clips=t.shuffle_window_clips)
