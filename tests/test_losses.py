@@ -251,6 +251,13 @@ def test_distill_losses_combines_weighted_terms():
     off = losses.distill_losses(student, {"teacher": teacher}, labels, alpha=1, beta=0, gamma=0, delta=0,
                                 temperature=3.0, weights={"teacher": 1.0})
     assert set(off) == {"ce", "ce_w", "loss"}
+    # relations off: δ is classic logit KD from the teacher alone (Hinton), nothing else
+    kd = losses.distill_losses(student, {"teacher": teacher, "assistant": assistant}, labels, alpha=1.0, beta=0,
+                               gamma=0, delta=1.0, temperature=3.0, weights={"teacher": 1.0, "assistant": 0.0},
+                               relations=False)
+    assert set(kd) == {"ce", "ce_w", "kd_teacher", "asym", "asym_w", "loss"}
+    want = ce + losses.logit_kd(teacher["logits"], student["logits"], 3.0)
+    assert kd["loss"].item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_asym_term_depends_on_the_student():

@@ -28,6 +28,18 @@ def test_layout_and_determinism(tmp_path, synth_root):
     assert digest(other) != digest(synth_root)
 
 
+def test_per_split_counts_give_few_labeled_and_many_held_out_videos(tmp_path):
+    root = tmp_path / "q"
+    params = make_dataset(root, seed=0, size=32, frames=8, per_split={"train": 2, "val": 3, "test": 4})
+    m = load_manifest(root)
+    assert {k: len(v) for k, v in m.rows.items()} == {"train": 8, "val": 12, "test": 16}
+    assert all(Counter(r.label for r in m.rows[split]) == Counter({c: n for c in CLASSES})
+               for split, n in (("train", 2), ("val", 3), ("test", 4)))
+    assert params["per_split"] == {"train": 2, "val": 3, "test": 4} and params["videos_per_class"] == 9
+    with pytest.raises(ValueError, match="per_split"):
+        make_dataset(tmp_path / "bad", per_split={"train": 2, "val": 0, "test": 1})
+
+
 def test_existing_dataset_is_kept_and_a_different_one_refused(synth_root, tmp_path):
     before = digest(synth_root)
     make_dataset(synth_root, seed=0, videos_per_class=4, size=32, frames=16)  # same params: no-op

@@ -33,6 +33,8 @@ class SynthConfig(_Strict):
     videos_per_class: int = Field(24, ge=3)  # one each for train, val, test
     size: int = Field(64, ge=16, le=1024)
     frames: int = Field(32, ge=8, le=512)
+    # videos per class in each split, instead of videos_per_class split 60/20/20
+    per_split: dict[Literal["train", "val", "test"], int] | None = None
 
 
 class DataConfig(_Strict):
@@ -165,6 +167,8 @@ class DistillConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Query rows sampled for the attention term (None = all tokens).
     attn_query_tokens: int | None = Field(None, ge=1)
+    # False: δ is logit KD alone (from frozen models whose classifier has the dataset's labels), no relations.
+    relations: bool = True
     # Pooled token grid of the asymmetric relational term: time steps x (space x space) cells.
     asym_time: int | None = Field(None, ge=1)
     asym_space: int = Field(4, ge=1)
@@ -327,7 +331,7 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _relation_grid(self) -> "Config":
         s = self.models.student
-        if self.distill.delta > 0 and s.name is None:  # a hub student's patch size is checked when it loads
+        if self.distill.delta > 0 and self.distill.relations and s.name is None:  # a hub student's patch size is checked when it loads
             problem = relation_grid_problem(self.distill.asym_time, self.distill.asym_space,
                                             self.data.num_frames // s.tubelet_size, self.data.image_size // s.patch_size)
             if problem:

@@ -194,17 +194,25 @@ def parse_size(size: str | int) -> tuple[int, int]:
 
 
 def make_dataset(root: str | os.PathLike, seed: int = 0, videos_per_class: int = 24,
-                 size: str | int = 64, frames: int = 32, overwrite: bool = False) -> dict:
+                 size: str | int = 64, frames: int = 32, overwrite: bool = False,
+                 per_split: dict[str, int] | None = None) -> dict:
     """Write the dataset; returns its description (also saved as ``ROOT/synth.json``).
 
+    ``per_split`` (``{"train": n, "val": n, "test": n}`` videos per class) replaces the 60/20/20
+    split of ``videos_per_class``: e.g. few labeled training videos and large val/test sets.
     An existing dataset made with the same parameters is kept as it is.
     """
     root = Path(root)
+    if per_split is not None:
+        if set(per_split) != set(SPLIT_FRACTIONS) or min(per_split.values()) < 1:
+            raise ValueError(f"per_split must give train, val and test counts >= 1, got {per_split}")
+        videos_per_class = sum(per_split.values())
     if videos_per_class < 3:
         raise ValueError(f"videos_per_class must be >= 3 (one for each of train, val, test), got {videos_per_class}")
     height, width = parse_size(size)
     params = {"generator": "tmad_ray.synthetic/v1", "seed": seed, "videos_per_class": videos_per_class,
-              "height": height, "width": width, "frames": frames, "classes": CLASSES}
+              "height": height, "width": width, "frames": frames, "classes": CLASSES,
+              **({"per_split": dict(per_split)} if per_split else {})}
     described = root / MANIFEST
     if described.is_file() and not overwrite:
         if json.loads(described.read_text()) == params:
@@ -220,8 +228,8 @@ def make_dataset(root: str | os.PathLike, seed: int = 0, videos_per_class: int =
 
     lines = {split: [] for split in SPLIT_FRACTIONS}
     for ci, label in enumerate(CLASSES):
-        n_val = max(1, round(videos_per_class * SPLIT_FRACTIONS["val"]))
-        n_test = max(1, round(videos_per_class * SPLIT_FRACTIONS["test"]))
+        n_val = per_split["val"] if per_split else max(1, round(videos_per_class * SPLIT_FRACTIONS["val"]))
+        n_test = per_split["test"] if per_split else max(1, round(videos_per_class * SPLIT_FRACTIONS["test"]))
         for i in range(videos_per_class):
             rng = np.random.default_rng([seed, ci, i])
             scene = make_scene(label, rng, height, width, frames)
@@ -241,4 +249,5 @@ def ensure_synthetic(data_cfg) -> None:
     if data_cfg.synthetic is None:
         return
     s = data_cfg.synthetic
-    make_dataset(data_cfg.root, seed=s.seed, videos_per_class=s.videos_per_class, size=s.size, frames=s.frames)
+    make_dataset(data_cfg.root, seed=s.seed, videos_per_class=s.videos_per_class, size=s.size, frames=s.frames,
+                 per_split=s.per_split)

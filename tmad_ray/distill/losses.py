@@ -144,7 +144,7 @@ def logit_kd(z_target: torch.Tensor, z_student: torch.Tensor, temperature: float
 @fp32
 def distill_losses(student: dict, frozen: dict[str, dict], labels: torch.Tensor, *, alpha: float, beta: float,
                    gamma: float, delta: float, temperature: float, weights: dict[str, float],
-                   label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+                   label_smoothing: float = 0.0, relations: bool = True) -> dict[str, torch.Tensor]:
     """All terms of the objective for one batch, and their weighted total ``loss``.
 
     ``student``: ``logits [B,C]``, and when the terms need them ``proj`` (``{model: [P(h_s) per layer]}``),
@@ -152,7 +152,7 @@ def distill_losses(student: dict, frozen: dict[str, dict], labels: torch.Tensor,
     ``frozen``: per frozen model (``"teacher"``, ``"assistant"``) what it teaches: ``feats``
     (``[h_x per layer]``), ``attn``, ``grid``, and ``logits`` only when its id2label is the dataset's.
     ``weights``: ``w_t``/``w_a`` per model name. The relational term takes spatial relations from
-    the teacher and temporal relations from the assistant.
+    the teacher and temporal relations from the assistant; ``relations=False`` leaves δ to logit KD alone.
     Returns unweighted terms (``ce feat attn asym`` and per-model parts such as ``feat_teacher``),
     weighted terms (``ce_w ...``) and ``loss``; a term whose weight is 0 is not computed.
     """
@@ -168,7 +168,7 @@ def distill_losses(student: dict, frozen: dict[str, dict], labels: torch.Tensor,
         if gamma > 0:
             out[f"attn_{name}"] = attention_loss(student["attn"], x["attn"])
             parts["attn"].append(w * out[f"attn_{name}"])
-        if delta > 0:
+        if delta > 0 and relations:
             if name == "teacher":
                 out["asym_spatial"] = relation_kd(spatial_relations(x["grid"]), spatial_relations(student["grid"]),
                                                   temperature)
@@ -177,9 +177,9 @@ def distill_losses(student: dict, frozen: dict[str, dict], labels: torch.Tensor,
                 out["asym_temporal"] = relation_kd(temporal_relations(x["grid"]),
                                                    temporal_relations(student["grid"]), temperature)
                 parts["asym"].append(w * out["asym_temporal"])
-            if x.get("logits") is not None:
-                out[f"kd_{name}"] = logit_kd(x["logits"], student["logits"], temperature)
-                parts["asym"].append(w * out[f"kd_{name}"])
+        if delta > 0 and x.get("logits") is not None:
+            out[f"kd_{name}"] = logit_kd(x["logits"], student["logits"], temperature)
+            parts["asym"].append(w * out[f"kd_{name}"])
     for term, ps in parts.items():
         if ps:
             out[term] = torch.stack(ps).sum()

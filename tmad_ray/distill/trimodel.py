@@ -267,6 +267,6 @@ class TriModel(nn.Module):
         d = self.cfg
         out = losses.distill_losses(student, frozen, labels, alpha=d.alpha, beta=d.beta, gamma=d.gamma,
                                     delta=d.delta, temperature=d.temperature, weights=self.weights,
-                                    label_smoothing=d.label_smoothing)
+                                    label_smoothing=d.label_smoothing, relations=d.relations)
         out["logits"] = student["logits"]
         return out

@@ -73,7 +73,7 @@ def check_layer_sets(cfg, student_depth: int, student_grid: tuple[int, int, int]
     from tmad_ray.schema import parse_layer_set, relation_grid_problem
     from tmad_ray.distill.trimodel import resolve_layer
 
-    if student_grid is not None:
+    if student_grid is not None and cfg.distill.relations:
         d = cfg.distill
         problem = relation_grid_problem(d.asym_time, d.asym_space, student_grid[0], min(student_grid[1:]))
         if problem:
