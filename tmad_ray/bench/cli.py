@@ -118,11 +118,12 @@ def add_bench_commands(sub, config_args) -> None:
     p.add_argument("--tiny", action="store_true", help="toy sizes (what the tests run)")
     p.add_argument("--trials", type=int, default=2)
     p.set_defaults(fn=cmd_rehearse)
-    p = bench.add_parser("quality", help="test accuracy: CE-only vs the searched distillation vs each term off")
+    p = bench.add_parser("quality", help="test accuracy with 95 % CIs: the searched recipe vs CE-only fine-tuning, "
+                                         "the reference framework's defaults, logit KD and one ablation per term")
     p.add_argument("--out", default="bench/quality.json")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--recipe", default="searched",
-                   help="'searched' (the latest study's best.json), a best.json path, or 'config'")
-    p.add_argument("--variants", default=None, help="subset, e.g. ce_only,distilled")
-    config_args(p)
+                   help="'searched' (the latest study of the config: its best.json), a best.json path, or 'config'")
+    p.add_argument("--variants", default=None, help="subset, e.g. searched,reference_default (ce_only is always run)")
+    config_args(p, "experiments/quality.yaml")
     p.set_defaults(fn=cmd_bench_quality)

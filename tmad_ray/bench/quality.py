@@ -1,19 +1,34 @@
-"""``tmad-ray bench quality``: does the searched distillation beat plain training, and which term helps?
+"""``tmad-ray bench quality``: is the searched recipe better than what a user gets without the search?
 
-On the config's task (the embedded default unless told otherwise), at one training budget (the
-config's epochs, lr, batch, workers), over several seeds (``train.seed``: initialization, crops,
-order), each variant is a real ``tmad-ray train`` run on Ray Train whose best-val checkpoint is
-exported and scored on the **test** split with multi-view evaluation:
+On ``experiments/quality.yaml`` (few labeled training videos, 200 val and 200 test videos, the
+pretrained toy student), every recipe gets the same budget (the config's epochs, lr, batch,
+workers) and the same seeds; each run is a real ``tmad-ray train`` run on Ray Train whose best-val
+checkpoint is exported and scored on the **test** split with multi-view evaluation. A seed
+(``train.seed``) fixes the new head's initialization, the projectors, the data order and the crops,
+so recipes are compared **paired**, seed by seed. The recipes:
 
-* ``ce_only``: α=1, β=γ=δ=0, the student alone (no teacher or assistant forward);
-* ``distilled``: the recipe of the latest study's best trial (``outputs/<study>/best.json``), or
-  the config's ``distill`` section with ``--recipe config``;
-* ``no_beta`` / ``no_gamma`` / ``no_delta``: the distilled recipe with one term switched off.
+* ``searched``: the best trial of the latest study of this config (``python tune.py --config
+  experiments/quality.yaml`` first; ``make bench-quality`` does both), or a ``best.json``, or the
+  config's own ``distill`` section (``--recipe config``);
+* ``reference_default``: the reference framework's defaults mapped onto α/β/γ/δ: CE 1, feature 1.0
+  (β), attention 0.5 (γ), teacher feature weight 1.0 and assistant 0.8, T 4.0, layers -1,-2,-3,
+  and δ = 0: its "asymmetric" term compares the teacher's and assistant's features only, so it has
+  no gradient and teaches the student nothing;
+* ``ce_only``: fine-tuning alone (α = 1, β = γ = δ = 0: no teacher or assistant forward);
+* ``logit_kd``: classic Hinton KD from the teacher alone (CE + T²·KL on the teacher's logits, no
+  relations, no assistant);
+* ``no_alpha`` … ``no_delta``: the searched recipe with one term switched off.
+
+Reported per recipe: the mean test accuracy with a 95 % confidence interval over the seeds (t
+distribution), and its paired difference to ``ce_only`` with a 95 % CI. The test set is fixed, so
+the intervals are over training randomness; a recipe is "better" only where its paired CI is
+above 0.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -24,87 +39,155 @@ from tmad_ray.bench import write_result
 from tmad_ray.errors import NotFound
 from tmad_ray.plots import save_figure
 
-TERMS = {"no_beta": "beta", "no_gamma": "gamma", "no_delta": "delta"}
+REFERENCE_DEFAULT = {"alpha": 1.0, "beta": 1.0, "gamma": 0.5, "delta": 0.0, "temperature": 4.0,
+                     "align_layers": "-1,-2,-3", "teacher_weight": 1.0, "assistant_weight": 0.8}
+CE_ONLY = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "delta": 0.0}
+LOGIT_KD = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "delta": 1.0, "temperature": 4.0, "relations": False,
+            "teacher_weight": 1.0, "assistant_weight": 0.0}
+RECIPE_KEYS = ("alpha", "beta", "gamma", "delta", "temperature", "align_layers")
 
 
 def latest_best(cfg) -> Path:
     found = sorted(Path(cfg.storage.output_dir).glob(f"{cfg.name}-*/best.json"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise NotFound(f"no finished study of {cfg.name!r} under {cfg.storage.output_dir}: run "
-                       "`python tune.py` first, or use --recipe config")
+                       f"`python tune.py --config <this config>` first (make bench-quality does), or use --recipe config")
     return found[-1]
 
 
-def recipes(cfg, recipe: str) -> tuple[dict, str]:
-    """The variants' distill settings and where the distilled recipe came from."""
+def recipes(cfg, recipe: str) -> tuple[dict[str, dict], str]:
+    """Every recipe's distill settings (searched first, ce_only the baseline) and where the searched
+    one came from."""
     if recipe == "config":
         d = cfg.distill
-        base = {k: getattr(d, k) for k in ("alpha", "beta", "gamma", "delta", "temperature")}
-        base["align_layers"] = ",".join(map(str, d.align_layers))
+        searched = {k: getattr(d, k) for k in RECIPE_KEYS if k != "align_layers"}
+        searched["align_layers"] = ",".join(map(str, d.align_layers))
         source = "config"
     else:
         path = Path(recipe) if recipe != "searched" else latest_best(cfg)
         best = json.loads(path.read_text())
-        base = {k: best[k] for k in ("alpha", "beta", "gamma", "delta", "temperature", "align_layers")}
-        source = str(path)
-    out = {"ce_only": {**base, "alpha": 1.0, "beta": 0.0, "gamma": 0.0, "delta": 0.0}, "distilled": dict(base)}
-    for name, term in TERMS.items():
-        out[name] = {**base, term: 0.0}
+        searched, source = {k: best[k] for k in RECIPE_KEYS}, str(path)
+    base = {k: searched[k] for k in ("temperature", "align_layers")}
+    out = {"searched": dict(searched), "reference_default": dict(REFERENCE_DEFAULT),
+           "ce_only": {**base, **CE_ONLY}, "logit_kd": {**base, **LOGIT_KD}}
+    for term in ("alpha", "beta", "gamma", "delta"):
+        out[f"no_{term}"] = {**searched, term: 0.0}
     return out, source
+
+
+def apply_recipe(cfg, recipe: dict):
+    """``cfg`` with a recipe: the searched knobs through the search's own ``apply_params``, the rest
+    (relations, teacher/assistant weights) set on ``distill``."""
+    from tmad_ray.search.space import apply_params
+
+    run_cfg = apply_params(cfg, recipe)
+    for k in ("relations", "teacher_weight", "assistant_weight"):
+        if k in recipe:
+            setattr(run_cfg.distill, k, recipe[k])
+    return run_cfg
+
+
+def t_interval(xs: list[float]) -> tuple[float, list[float] | None]:
+    """Mean and 95 % t confidence interval (None from a single value: no interval)."""
+    from scipy import stats
+
+    m = statistics.mean(xs)
+    if len(xs) < 2:
+        return m, None
+    half = float(stats.t.ppf(0.975, len(xs) - 1)) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return m, [m - half, m + half]
 
 
 def run_quality_bench(cfg, out: str, seeds: list[int], recipe: str = "searched", variants: list[str] | None = None,
                       say=print) -> dict:
-    from tmad_ray.study import prepare_study
+    from tmad_ray.bench.time_to_quality import teacher_test_accuracy
     from tmad_ray.cluster import init_ray
-    from tmad_ray.search.space import apply_params
+    from tmad_ray.study import prepare_study
     from tmad_ray.train.evaluate import evaluate_exported
     from tmad_ray.train.run import fit
 
     all_recipes, source = recipes(cfg, recipe)
     names = variants or list(all_recipes)
+    if "ce_only" not in names:
+        names = ["ce_only", *names]  # the baseline of every paired difference
     init_ray(cfg)
-    manifest, report, _ = prepare_study(cfg)
-    runs, stamp = [], time.strftime("%Y%m%d-%H%M%S")
-    for name in names:
-        for seed in seeds:
-            run_cfg = apply_params(cfg, all_recipes[name])
+    manifest, report, models = prepare_study(cfg)
+    student = models["student"]
+    init = (f"pretrained: {cfg.models.student.name}" if getattr(student, "reinitialized", None) else "scratch")
+    del models
+    teacher = teacher_test_accuracy(cfg, manifest, Path(cfg.storage.output_dir) / "quality_teacher")
+    t0, runs, stamp = time.time(), [], time.strftime("%Y%m%d-%H%M%S")
+    for seed in seeds:  # seeds outside: a benchmark cut short still has every recipe at the first seeds
+        for name in names:
+            run_cfg = apply_recipe(cfg, all_recipes[name])
             run_cfg.train.seed = seed
-            run_name = f"quality-{cfg.name}-{stamp}-{name}-s{seed}"  # a new run, never a resumed one
-            outcome = fit(run_cfg, manifest, report, run_name)
+            outcome = fit(run_cfg, manifest, report, f"quality-{cfg.name}-{stamp}-{name}-s{seed}")
             ev = evaluate_exported(str(outcome.student_dir), cfg.data.root, "test", cfg.data.eval_clips,
                                    cfg.data.eval_crops, cfg.data.label_mode)
-            runs.append({"variant": name, "seed": seed, "val_accuracy": outcome.best_metrics["val_accuracy"],
+            runs.append({"recipe": name, "seed": seed, "val_accuracy": outcome.best_metrics["val_accuracy"],
                          "best_epoch": outcome.best_metrics["epoch"], "test_accuracy": ev["accuracy"],
-                         "test_macro_f1": ev["macro_f1"], "test_videos": ev["videos"]})
-            say(f"  {name:<10} seed {seed}: val {runs[-1]['val_accuracy']:.3f}  test {ev['accuracy']:.3f}")
-    summary = {}
-    for name in names:
-        acc = [r["test_accuracy"] for r in runs if r["variant"] == name]
-        summary[name] = {"test_accuracy_mean": statistics.mean(acc),
-                         "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                         "test_accuracy": acc, "recipe": all_recipes[name]}
+                         "test_macro_f1": ev["macro_f1"]})
+            say(f"  {name:<18} seed {seed}: val {runs[-1]['val_accuracy']:.3f}  test {ev['accuracy']:.3f}")
+            # what has run so far, for a benchmark cut short (the full result replaces it at the end)
+            Path(out).with_suffix(".partial.json").write_text(json.dumps(runs, indent=1))
     result = {"benchmark": "quality", "config": cfg.name, "recipe_source": source, "seeds": seeds,
+              "n_train": len(manifest.rows["train"]), "n_val": len(manifest.rows["val"]),
+              "n_test": len(manifest.rows["test"]), "student_init": init, "teacher_test_accuracy": teacher,
               "budget": {"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
                          "workers": cfg.train.num_workers},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "chance": 1 / len(manifest.labels), "summary": summary, "runs": runs}
+              "minutes": (time.time() - t0) / 60, "chance": 1 / len(manifest.labels),
+              "recipes": {n: all_recipes[n] for n in names}, "runs": runs, **summarize(runs, names, teacher)}
     plot(result, str(Path(out).with_suffix(".png")))
+    Path(out).with_suffix(".partial.json").unlink(missing_ok=True)
     return write_result(result, out, format_table(result))
+
+
+def summarize(runs: list[dict], names: list[str], teacher: float | None) -> dict:
+    """``summary.<recipe>``: mean test accuracy and its 95 % CI; ``paired_vs_ce_only.<recipe>``: the
+    mean seed-by-seed difference to ce_only and its 95 % CI (seeds that both ran)."""
+    acc = {n: {r["seed"]: r["test_accuracy"] for r in runs if r["recipe"] == n} for n in names}
+    summary, paired = {}, {}
+    for n in names:
+        xs = [acc[n][s] for s in sorted(acc[n])]
+        if not xs:
+            continue
+        m, ci = t_interval(xs)
+        summary[n] = {"test_accuracy_mean": m, "ci95": ci, "test_accuracy": xs,
+                      "val_accuracy_mean": statistics.mean(r["val_accuracy"] for r in runs if r["recipe"] == n)}
+        if teacher:
+            summary[n]["vs_teacher"] = m / teacher
+        if n != "ce_only":
+            both = sorted(set(acc[n]) & set(acc["ce_only"]))
+            if both:
+                d, dci = t_interval([acc[n][s] - acc["ce_only"][s] for s in both])
+                paired[n] = {"mean_diff": d, "ci95": dci, "seeds": len(both),
+                             "better": dci is not None and dci[0] > 0, "worse": dci is not None and dci[1] < 0}
+    return {"summary": summary, "paired_vs_ce_only": paired}
 
 
 def format_table(r: dict) -> str:
     b = r["budget"]
-    lines = [f"test accuracy over seeds {r['seeds']} ({b['epochs']} epochs, batch {b['batch_size']}, lr {b['lr']}, "
-             f"{b['workers']} workers; chance {r['chance']:.2f}); distilled recipe from {r['recipe_source']}",
-             "| variant | α | β | γ | δ | T | layers | test accuracy (mean ± sd) | per seed |",
-             "|---|---:|---:|---:|---:|---:|---|---:|---|"]
+    teacher = r.get("teacher_test_accuracy")
+    lines = [f"test accuracy on {r['n_test']} test videos ({r['n_train']} train, {r['n_val']} val), seeds {r['seeds']}, "
+             f"{b['epochs']} epochs, batch {b['batch_size']}, lr {b['lr']}; student {r['student_init']}; chance "
+             f"{r['chance']:.2f}" + (f"; teacher {teacher:.3f}" if teacher else "") +
+             f"; searched recipe from {r['recipe_source']}",
+             "| recipe | α | β | γ | δ | T | layers | test accuracy (95 % CI) | vs ce_only, paired (95 % CI) |",
+             "|---|---:|---:|---:|---:|---:|---|---|---|"]
     for name, s in r["summary"].items():
-        p = s["recipe"]
+        p, d = r["recipes"][name], r["paired_vs_ce_only"].get(name)
+        diff = "baseline" if name == "ce_only" else (
+            "-" if d is None else f"{d['mean_diff']:+.3f} {_ci(d['ci95'], '+.3f')}"
+            + (" **better**" if d["better"] else " worse" if d["worse"] else ""))
         lines.append(f"| {name} | {p['alpha']:.3g} | {p['beta']:.3g} | {p['gamma']:.3g} | {p['delta']:.3g} | "
-                     f"{p['temperature']:.2f} | {p['align_layers']} | {s['test_accuracy_mean']:.3f} ± "
-                     f"{s['test_accuracy_std']:.3f} | {', '.join(f'{a:.2f}' for a in s['test_accuracy'])} |")
+                     f"{p.get('temperature', 0):.2f} | {p.get('align_layers', '')} | {s['test_accuracy_mean']:.3f} "
+                     f"{_ci(s['ci95'], '.3f')} | {diff} |")
     return "\n".join(lines)
+
+
+def _ci(ci: list[float] | None, fmt: str) -> str:
+    return "[one seed: no CI]" if ci is None else f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
 
 def plot(r: dict, path: str) -> str:
@@ -115,14 +198,19 @@ def plot(r: dict, path: str) -> str:
 
     names = list(r["summary"])
     means = [r["summary"][n]["test_accuracy_mean"] for n in names]
-    sds = [r["summary"][n]["test_accuracy_std"] for n in names]
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 1, 3.5))
-    ax.bar(names, means, yerr=sds, capsize=4, color=["#999999"] + ["#3b75af"] * (len(names) - 1))
+    cis = [r["summary"][n]["ci95"] or [m, m] for n, m in zip(names, means)]
+    err = [[m - max(ci[0], 0) for ci, m in zip(cis, means)], [min(ci[1], 1) - m for ci, m in zip(cis, means)]]
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 1, 3.8))
+    ax.bar(names, means, yerr=err, capsize=4,
+           color=["#3b75af" if n == "searched" else "#999999" if n == "ce_only" else "#b9cde0" for n in names])
     for i, n in enumerate(names):
-        ax.scatter([i] * len(r["summary"][n]["test_accuracy"]), r["summary"][n]["test_accuracy"], color="black", s=10,
-                   zorder=3)
+        ys = r["summary"][n]["test_accuracy"]
+        ax.scatter([i] * len(ys), ys, color="black", s=8, zorder=3)
     ax.axhline(r["chance"], ls="--", color="red", lw=1, label="chance")
+    if r.get("teacher_test_accuracy"):
+        ax.axhline(r["teacher_test_accuracy"], ls=":", color="green", lw=1, label="teacher")
     ax.set_ylim(0, 1)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (95 % CI over seeds)")
+    ax.tick_params(axis="x", labelrotation=30)
     ax.legend(loc="lower right")
     return save_figure(fig, path)
