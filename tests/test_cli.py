@@ -78,3 +78,21 @@ def test_bench_data_writes_consistent_json(synth_root, tmp_path, ray_local):
     assert result["clips"]["a"] == result["clips"]["b"] == result["clips"]["c"] == 4  # 4 train videos x 1 view
     assert all(v > 0 for v in result["clips_per_s"].values())
     assert set(result["speedup_vs_a"]) == {"b", "c"}
+
+
+def test_every_command_s_help_renders():
+    # argparse formats help strings with %: a stray "95 % CIs" broke `tmad-ray bench --help`
+    import argparse
+
+    from tmad_ray.cli import build_parser
+
+    def walk(parser):
+        parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield sub
+                    yield from walk(sub)
+
+    names = [p.prog for p in walk(build_parser())]
+    assert "tmad-ray bench peer" in names and "tmad-ray bench quality" in names
