@@ -33,6 +33,7 @@ import os
 import platform
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tmad_ray.bench import write_result
@@ -99,9 +100,11 @@ def t_interval(xs: list[float]) -> tuple[float, list[float] | None]:
 
 
 def run_quality_bench(cfg, out: str, seeds: list[int], recipe: str = "searched", variants: list[str] | None = None,
-                      say=print) -> dict:
+                      parallel: int | None = None, say=print) -> dict:
+    """Every recipe at every seed, ``parallel`` runs at a time (default: as many as a study runs side
+    by side here); the JSON at ``out``, its plot beside it."""
     from tmad_ray.bench.time_to_quality import teacher_test_accuracy
-    from tmad_ray.cluster import init_ray
+    from tmad_ray.cluster import init_ray, local_trials
     from tmad_ray.study import prepare_study
     from tmad_ray.train.evaluate import evaluate_exported
     from tmad_ray.train.run import fit
@@ -110,29 +113,38 @@ def run_quality_bench(cfg, out: str, seeds: list[int], recipe: str = "searched",
     names = variants or list(all_recipes)
     if "ce_only" not in names:
         names = ["ce_only", *names]  # the baseline of every paired difference
-    init_ray(cfg)
+    parallel = max(1, parallel or local_trials(cfg))
+    init_ray(cfg, parallel)
     manifest, report, models = prepare_study(cfg)
     student = models["student"]
     init = (f"pretrained: {cfg.models.student.name}" if getattr(student, "reinitialized", None) else "scratch")
     del models
     teacher = teacher_test_accuracy(cfg, manifest, Path(cfg.storage.output_dir) / "quality_teacher")
     t0, runs, stamp = time.time(), [], time.strftime("%Y%m%d-%H%M%S")
-    for seed in seeds:  # seeds outside: a benchmark cut short still has every recipe at the first seeds
-        for name in names:
-            run_cfg = apply_recipe(cfg, all_recipes[name])
-            run_cfg.train.seed = seed
-            outcome = fit(run_cfg, manifest, report, f"quality-{cfg.name}-{stamp}-{name}-s{seed}")
-            ev = evaluate_exported(str(outcome.student_dir), cfg.data.root, "test", cfg.data.eval_clips,
-                                   cfg.data.eval_crops, cfg.data.label_mode)
-            runs.append({"recipe": name, "seed": seed, "val_accuracy": outcome.best_metrics["val_accuracy"],
-                         "best_epoch": outcome.best_metrics["epoch"], "test_accuracy": ev["accuracy"],
-                         "test_macro_f1": ev["macro_f1"]})
-            say(f"  {name:<18} seed {seed}: val {runs[-1]['val_accuracy']:.3f}  test {ev['accuracy']:.3f}")
+
+    def one(seed: int, name: str) -> dict:
+        run_cfg = apply_recipe(cfg, all_recipes[name])
+        run_cfg.train.seed = seed
+        outcome = fit(run_cfg, manifest, report, f"quality-{cfg.name}-{stamp}-{name}-s{seed}")
+        ev = evaluate_exported(str(outcome.student_dir), cfg.data.root, "test", cfg.data.eval_clips,
+                               cfg.data.eval_crops, cfg.data.label_mode)
+        return {"recipe": name, "seed": seed, "val_accuracy": outcome.best_metrics["val_accuracy"],
+                "best_epoch": outcome.best_metrics["epoch"], "test_accuracy": ev["accuracy"],
+                "test_macro_f1": ev["macro_f1"]}
+
+    # Runs are independent: as many side by side as the trials of a study (one worker's CPUs each).
+    # Seeds outside, in submission order: a benchmark cut short still has every recipe at the first seeds.
+    jobs = [(seed, name) for seed in seeds for name in names]
+    with ThreadPoolExecutor(parallel) as pool:
+        for run in pool.map(lambda job: one(*job), jobs):
+            runs.append(run)
+            say(f"  {run['recipe']:<18} seed {run['seed']}: val {run['val_accuracy']:.3f}  test {run['test_accuracy']:.3f}")
             # what has run so far, for a benchmark cut short (the full result replaces it at the end)
             Path(out).with_suffix(".partial.json").write_text(json.dumps(runs, indent=1))
     result = {"benchmark": "quality", "config": cfg.name, "recipe_source": source, "seeds": seeds,
               "n_train": len(manifest.rows["train"]), "n_val": len(manifest.rows["val"]),
               "n_test": len(manifest.rows["test"]), "student_init": init, "teacher_test_accuracy": teacher,
+              "parallel_runs": parallel,
               "budget": {"epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
                          "workers": cfg.train.num_workers},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
