@@ -9,7 +9,7 @@ PIP_TOOLS := pip-tools==7.7.0
 TORCH = $(shell grep -m1 '^torch==' $(LOCK))
 
 .DELETE_ON_ERROR:  # a set-up step that failed leaves no target behind, so the next make runs it again
-.PHONY: demo test test-fast bench bench-quality bench-ttq bench-gpu rehearse venv browser clean screenshots lock lock-check
+.PHONY: demo test test-fast bench bench-quality bench-ttq bench-peer bench-gpu rehearse venv browser clean screenshots lock lock-check
 
 # One line and exit 1 when the lock is stale (pyproject.toml edited) or was made for another Python.
 lock-check:
@@ -66,6 +66,11 @@ bench-quality: venv
 # start, and the chosen recipes' test accuracy; 5 seeds, the same recipes on both sides (~1.5 h here).
 bench-ttq: venv
 	$(BIN)/tmad-ray bench time-to-quality --seeds 0,1,2,3,4 --out bench/time_to_quality.json
+
+# tune.py against the pipeline a user would write instead (HF Trainer + hyperparameter_search with
+# Optuna, decoding per item, no Ray): the same recipes, models and losses, 5 seeds (~1 h here).
+bench-peer: venv
+	$(BIN)/tmad-ray bench peer --config experiments/default.yaml --seeds 0,1,2,3,4 --out bench/peer.json
 
 # The xd_violence path at real shapes (16x224², ViT-B teacher, AMD ViT-S assistant, ViT-S student,
 # 2 DDP workers, grad_accum 2) on 12 generated videos, 2 trials of 1 epoch through tune.py.

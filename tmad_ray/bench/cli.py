@@ -29,7 +29,7 @@ def cmd_bench_quality(args) -> int:
     cfg = load_config(args.config, args.overrides)
     seeds = [int(x) for x in args.seeds.split(",")]
     variants = args.variants.split(",") if args.variants else None
-    run_quality_bench(cfg, out=args.out, seeds=seeds, recipe=args.recipe, variants=variants)
+    run_quality_bench(cfg, out=args.out, seeds=seeds, recipe=args.recipe, variants=variants, parallel=args.parallel)
     return 0
 
 
@@ -46,6 +46,14 @@ def cmd_bench_ttq(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_ttq_bench(cfg, out=args.out, seeds=[int(x) for x in args.seeds.split(",")])
+    return 0
+
+
+def cmd_bench_peer(args) -> int:
+    from tmad_ray.bench.peer import run_peer_bench
+
+    cfg = load_config(args.config, args.overrides)
+    run_peer_bench(cfg, out=args.out, seeds=[int(x) for x in args.seeds.split(",")])
     return 0
 
 
@@ -71,7 +79,7 @@ def cmd_rehearse(args) -> int:
 
 
 def add_bench_commands(sub, config_args) -> None:
-    """``bench`` (data, step, search, time-to-quality, startup, gpu, quality) and ``rehearse`` on the
+    """``bench`` (data, step, search, time-to-quality, peer, startup, gpu, quality) and ``rehearse`` on the
     top-level subparsers ``sub``; ``config_args(parser, default)`` adds ``--config`` and overrides."""
     bench = sub.add_parser("bench", help="benchmarks (results as JSON)").add_subparsers(dest="bench_cmd", required=True)
     p = bench.add_parser("data", help="clips/s: per-step decode vs Ray Data decode vs clip cache")
@@ -95,12 +103,7 @@ def add_bench_commands(sub, config_args) -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the config's)")
     config_args(p)
     p.set_defaults(fn=cmd_bench_search)
-    p = bench.add_parser("time-to-quality", help="best val accuracy against wall time and test accuracy of the "
-                         "chosen recipe: tune.py vs the seed's way, same recipes, several seeds")
-    p.add_argument("--out", default="bench/time_to_quality.json")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated search and training seeds")
-    config_args(p, "experiments/time_to_quality.yaml")
-    p.set_defaults(fn=cmd_bench_ttq)
+    add_proof_commands(bench, config_args)
     p = bench.add_parser("startup", help="the floor under a trial's start-up: empty Ray Train trials under Ray's "
                          "defaults and under the search's settings, and the imports a fresh process pays")
     p.add_argument("--out", default="bench/startup.json")
@@ -118,12 +121,30 @@ def add_bench_commands(sub, config_args) -> None:
     p.add_argument("--tiny", action="store_true", help="toy sizes (what the tests run)")
     p.add_argument("--trials", type=int, default=2)
     p.set_defaults(fn=cmd_rehearse)
-    p = bench.add_parser("quality", help="test accuracy with 95 % CIs: the searched recipe vs CE-only fine-tuning, "
+
+
+def add_proof_commands(bench, config_args) -> None:
+    """The benchmarks that compare whole pipelines: ``quality``, ``time-to-quality`` and ``peer``."""
+    p = bench.add_parser("quality", help="test accuracy with 95 %% CIs: the searched recipe vs CE-only fine-tuning, "
                                          "the reference framework's defaults, logit KD and one ablation per term")
     p.add_argument("--out", default="bench/quality.json")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--recipe", default="searched",
                    help="'searched' (the latest study of the config: its best.json), a best.json path, or 'config'")
     p.add_argument("--variants", default=None, help="subset, e.g. searched,reference_default (ce_only is always run)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="runs side by side (default: as many as a study's trials here)")
     config_args(p, "experiments/quality.yaml")
     p.set_defaults(fn=cmd_bench_quality)
+    p = bench.add_parser("time-to-quality", help="best val accuracy against wall time and test accuracy of the "
+                         "chosen recipe: tune.py vs the seed's way, same recipes, several seeds")
+    p.add_argument("--out", default="bench/time_to_quality.json")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated search and training seeds")
+    config_args(p, "experiments/time_to_quality.yaml")
+    p.set_defaults(fn=cmd_bench_ttq)
+    p = bench.add_parser("peer", help="tune.py against a plain HF Trainer + Optuna pipeline on the same recipes, "
+                         "models and losses: time to first reach fixed val accuracies, per-recipe parity, test")
+    p.add_argument("--out", default="bench/peer.json")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated search and training seeds")
+    config_args(p, "experiments/default.yaml")
+    p.set_defaults(fn=cmd_bench_peer)

@@ -62,8 +62,9 @@ def study_epochs(trials_dir: Path, t0: float) -> list[tuple[float, float]]:
     return points
 
 
-def run_tmad_ray(cfg, work: Path, say=print) -> dict:
-    """One study the way ``python tune.py`` runs it, timed from before the preparation."""
+def run_tmad_ray(cfg, work: Path, say=print, own_ray: bool = False) -> dict:
+    """One study the way ``python tune.py`` runs it, timed from before the preparation; with
+    ``own_ray``, from before Ray starts, and Ray is stopped at the end (what ``python tune.py`` pays)."""
     from tmad_ray.study import prepare_study
     from tmad_ray.search.driver import run_study
     from tmad_ray.search.mlflow_runs import evaluate_test
@@ -72,12 +73,19 @@ def run_tmad_ray(cfg, work: Path, say=print) -> dict:
     cfg.storage.clip_cache, cfg.storage.ray_results = str(work / "clips"), str(work / "ray_results")
     cfg.storage.output_dir = str(work / "outputs")
     cfg.tracking.tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
-    resources = _ray_resources(cfg)
+    if not own_ray:
+        resources = _ray_resources(cfg)
     t0 = time.time()
+    if own_ray:
+        resources = _ray_resources(cfg)
     manifest, report, models = prepare_study(cfg)  # cold clip cache: its decode counts
     del models
     study = run_study(cfg, manifest, report, resources, say=lambda *a: None)
     seconds = time.time() - t0
+    if own_ray:
+        import ray
+
+        ray.shutdown()
     if study.best is None:
         raise RuntimeError(f"study {study.name}: no trial reported a result; its trials' errors are in "
                            f"{Path(cfg.storage.ray_results) / study.name}")
@@ -91,7 +99,8 @@ def run_tmad_ray(cfg, work: Path, say=print) -> dict:
             "best_val_accuracy": best[cfg.search.metric], "chosen": {k: best[k] for k in RECIPE_KEYS},
             "test_accuracy": test, "recipes": recipes, "epochs_trained": sum(r["epochs"] for r in study.rows),
             "trials": [{"trial_number": r["trial_number"], "best_val_accuracy": r[cfg.search.metric],
-                        "epochs": r["epochs"], "status": r["status"]} for r in study.rows]}
+                        "epochs": r["epochs"], "status": r["status"], "params": {k: r[k] for k in RECIPE_KEYS}}
+                       for r in study.rows]}
 
 
 def _ray_resources(cfg) -> dict:
