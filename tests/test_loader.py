@@ -32,10 +32,11 @@ def cache(tmp_path_factory):
     return uri, entries, labels
 
 
-def shard(cache, *, rank=0, world=1, seed=0, hold_mb=64.0, window=64, batch=8):
+def shard(cache, *, rank=0, world=1, seed=0, hold_mb=64.0, window=64, batch=8, epoch_views=None):
     uri, entries, labels = cache
     return TrainShard(uri, entries, labels, rank=rank, world=world, seed=seed, views=VIEWS,
-                      clip_bytes=int(np.prod(SHAPE)), batch_size=batch, hold_mb=hold_mb, window_clips=window)
+                      clip_bytes=int(np.prod(SHAPE)), batch_size=batch, hold_mb=hold_mb, window_clips=window,
+                      epoch_views=epoch_views)
 
 
 def read_epoch(s, epoch):
@@ -110,3 +111,26 @@ def test_eval_shards_split_videos_and_keep_every_view_together(cache):
     again = [[(v, int(w)) for b in tight.batches(5) for v, w in zip(b["video_id"], b["view"])] for _ in range(2)]
     assert again[0] == again[1] == seen[0]
     assert tight.reader.held == {} and not tight.reader.hold  # over its budget: never more than ~3 videos held
+
+
+@pytest.mark.parametrize("hold_mb", [64.0, 0.0], ids=["held", "streamed"])
+def test_a_view_pool_gives_each_video_a_seeded_subset_of_its_views_each_epoch(cache, hold_mb):
+    # data.train_view_pool: the entries hold the pool (here 2 views), an epoch trains 1 of them per video
+    s = shard(cache, hold_mb=hold_mb, window=8, epoch_views=1)
+    assert s.clips == 56 and s.steps == 7
+    epochs = [sequence(read_epoch(s, e)) for e in range(1, 7)]
+    for order in epochs:
+        assert sorted(v for v, _ in order) == sorted(cache[1])  # every video once an epoch
+    picked = {v: {w for order in epochs for x, w in order if x == v} for v in cache[1]}
+    assert sum(len(ws) == 2 for ws in picked.values()) > 40  # over 6 epochs most videos used both views
+    assert sequence(read_epoch(shard(cache, hold_mb=hold_mb, window=8, epoch_views=1), 3)) == epochs[2]
+
+
+def test_the_view_pool_is_what_the_cache_holds():
+    from tmad_ray.config import EXPERIMENTS_DIR, load_config
+    from tmad_ray.data.clips import ViewSpec
+
+    cfg = load_config(EXPERIMENTS_DIR / "smoke.yaml", ["data.train_views=2", "data.train_view_pool=8"])
+    assert ViewSpec.from_config(cfg.data, "train").train_views == 8 and cfg.data.cached_train_views == 8
+    with pytest.raises(ValueError, match="train_view_pool .1. must be >= data.train_views .2."):
+        load_config(EXPERIMENTS_DIR / "smoke.yaml", ["data.train_views=2", "data.train_view_pool=1"])

@@ -66,13 +66,18 @@ def test_train_command_then_eval_and_pipeline(synth_root, smoke_zoo, pretrained_
     assert {p["label"] for p in pred} == {"A", "B1", "B2", "G"}
 
 
-def test_each_worker_trains_on_its_own_share(synth_root, smoke_zoo, tmp_path, ray_local):
+@pytest.mark.parametrize("pool", [None, 3], ids=["views", "view-pool"])
+def test_each_worker_trains_on_its_own_share(synth_root, smoke_zoo, tmp_path, ray_local, pool):
     """Also with α = 0 and grad_accum 2: DDP through Ray's prepare_model must allow the unused
-    classifier, and the replicas must end identical."""
+    classifier, and the replicas must end identical. With a view pool the cache holds the pool and an
+    epoch trains ``train_views`` of it per video."""
+    from tmad_ray.data.cache import ClipCache
     from tmad_ray.train.run import fit
 
     cfg, manifest, report = prepared(tmp_path, synth_root, smoke_zoo, "train.epochs=1", "distill.alpha=0",
-                                     "train.grad_accum=2")
+                                     "train.grad_accum=2", f"data.train_view_pool={pool or 'null'}")
+    entry = next(iter(report.entries["train"].values()))
+    assert len(ClipCache(cfg.storage.clip_cache).read_clips(entry)[1]) == cfg.data.cached_train_views
     out = fit(cfg, manifest, report, "share")
     m = out.result.metrics
     videos = len(manifest.rows["train"])

@@ -49,8 +49,11 @@ class DataConfig(_Strict):
     image_size: int = Field(224, ge=8)
     # Train views are stored as squares of this side so the worker can random-crop image_size.
     train_short_side: int | None = None
-    # Temporal views per training video, drawn once per study (seeded) and cached.
+    # Temporal views per training video and epoch, drawn once per study (seeded) and cached.
     train_views: int = Field(2, ge=1, le=64)
+    # Cache a pool of this many views per video and train on a different train_views of them each epoch
+    # (seeded): more temporal diversity for long videos, decoded once; None = the train_views themselves.
+    train_view_pool: int | None = Field(None, ge=1, le=256)
     eval_clips: int = Field(2, ge=1, le=32)
     eval_crops: Literal[1, 3] = 3
     seed: int = 0
@@ -65,11 +68,20 @@ class DataConfig(_Strict):
         if self.train_short_side is None:
             # The usual 256/224 ratio of video recipes.
             object.__setattr__(self, "train_short_side", round(self.image_size * 8 / 7))
+        if self.train_view_pool is not None and self.train_view_pool < self.train_views:
+            raise ValueError(f"data.train_view_pool ({self.train_view_pool}) must be >= data.train_views "
+                             f"({self.train_views}): the pool is what each epoch's views are drawn from")
         if self.train_short_side < self.image_size:
             raise ValueError(
                 f"data.train_short_side ({self.train_short_side}) must be >= data.image_size ({self.image_size})"
             )
         return self
+
+
+    @property
+    def cached_train_views(self) -> int:
+        """Views cached per training video: the pool when there is one."""
+        return self.train_view_pool or self.train_views
 
 
 class TeacherConfig(_Strict):

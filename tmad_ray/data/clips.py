@@ -50,7 +50,7 @@ class ViewSpec:
     def from_config(cls, data_cfg, mode: str) -> "ViewSpec":
         return cls(mode=mode, num_frames=data_cfg.num_frames, sampling=data_cfg.sampling,
                    sampling_rate=data_cfg.sampling_rate, image_size=data_cfg.image_size,
-                   train_short_side=data_cfg.train_short_side, train_views=data_cfg.train_views,
+                   train_short_side=data_cfg.train_short_side, train_views=data_cfg.cached_train_views,
                    eval_clips=data_cfg.eval_clips, eval_crops=data_cfg.eval_crops, seed=data_cfg.seed)
 
     @property

@@ -107,13 +107,15 @@ class TrainShard:
     """One rank's train clips: the same number of steps on every rank, a new seeded order every epoch.
 
     ``entries``: video id -> clip-cache key for the whole train split (every rank gets the same dict);
-    ``labels``: video id -> class id; ``views``: clips per entry (``data.train_views``);
-    ``clip_bytes``: bytes of one clip, to decide whether the share is held in memory.
+    ``labels``: video id -> class id; ``views``: clips per entry (``data.train_view_pool`` or
+    ``data.train_views``); ``epoch_views``: how many of them a video gives each epoch (a seeded draw
+    per video and epoch; None: all); ``clip_bytes``: bytes of one clip, to decide whether the share
+    is held in memory.
     """
 
     def __init__(self, cache_uri: str, entries: dict[str, str], labels: dict[str, int], *, rank: int, world: int,
                  seed: int, views: int, clip_bytes: int, batch_size: int, hold_mb: float, window_clips: int,
-                 threads: int = 4):
+                 threads: int = 4, epoch_views: int | None = None):
         if len(entries) < world:
             raise LoaderError(f"{len(entries)} train videos for {world} workers: every worker needs at least one "
                               "(lower train.num_workers)")
@@ -121,11 +123,12 @@ class TrainShard:
         self.own = shares[rank]
         self.per_rank = max(len(s) for s in shares)  # every rank pads its share to this
         self.rank, self.seed, self.views, self.batch_size = rank, seed, views, batch_size
+        self.per_video = min(epoch_views or views, views)  # clips a video gives in one epoch
         self.labels = labels
-        self.clips = self.per_rank * views
+        self.clips = self.per_rank * self.per_video
         self.steps = math.ceil(self.clips / batch_size)
-        self.held = self.clips * clip_bytes <= hold_mb * 2**20
-        self.window = self.per_rank if self.held else max(1, window_clips // views)
+        self.held = self.per_rank * views * clip_bytes <= hold_mb * 2**20
+        self.window = self.per_rank if self.held else max(1, window_clips // self.per_video)
         self.reader = EntryReader(cache_uri, {v: entries[v] for v in self.own}, hold=self.held, threads=threads)
 
     def order(self, epoch: int) -> list[tuple[str, int]]:
@@ -135,14 +138,17 @@ class TrainShard:
         vids += [self.own[i] for i in rng.choice(len(self.own), self.per_rank - len(self.own), replace=False)]
         out = []
         for i in range(0, len(vids), self.window):
-            items = [(v, w) for v in vids[i:i + self.window] for w in range(self.views)]
+            items = [(v, int(w)) for v in vids[i:i + self.window] for w in
+                     (range(self.views) if self.per_video == self.views else
+                      np.sort(rng.choice(self.views, self.per_video, replace=False)))]
             out += [items[j] for j in rng.permutation(len(items))]
         return out
 
     def batches(self, epoch: int) -> Iterator[dict]:
         """``{"clip": uint8 [B,T,S,S,3], "label": int64 [B], "video_id": [B], "view": int32 [B]}``, ``steps`` of them."""
         order = self.order(epoch)
-        windows = [order[i:i + self.window * self.views] for i in range(0, len(order), self.window * self.views)]
+        size = self.window * self.per_video
+        windows = [order[i:i + size] for i in range(0, len(order), size)]
         # one read per video and window, in first-use order
         reads = self.reader.read([v for win in windows for v in dict.fromkeys(x for x, _ in win)],
                                  ahead=self.window)  # the window being batched and the next one in memory
@@ -153,7 +159,8 @@ class TrainShard:
                 vid, clips = next(reads)
                 if len(clips) != self.views:
                     raise LoaderError(f"cache entry of {vid} holds {len(clips)} views, expected {self.views} "
-                                      "(data.train_views): refill the clip cache (tmad-ray data cache)")
+                                      "(data.train_view_pool or data.train_views): refill the clip cache "
+                                      "(tmad-ray data cache)")
                 got[vid] = clips
             for vid, w in win:
                 buf.append((vid, w, got[vid][w]))

@@ -172,7 +172,7 @@ def build_target_cache(cfg, report, frozen: dict[str, torch.nn.Module], student_
     spec = plan(cfg, student_depth, frozen, labels)
     store = TargetCache(cfg.storage.clip_cache, spec["key"])
     entries = sorted(report.entries.get("train", {}).items())
-    per_video = entry_bytes(spec, frozen, cfg.data.train_views)
+    per_video = entry_bytes(spec, frozen, cfg.data.cached_train_views)
     total, limit = per_video * len(entries), cfg.distill.target_cache_max_gb * 1e9
     say(f"frozen targets {spec['key']}: {len(entries)} videos x {per_video / 1e6:.1f} MB = {total / 1e9:.2f} GB "
         f"(distill.target_cache_max_gb={cfg.distill.target_cache_max_gb:g})")
@@ -201,7 +201,7 @@ def build_target_cache(cfg, report, frozen: dict[str, torch.nn.Module], student_
         ray.get([task.remote(models, spec, cfg.model_dump(), todo[i::n], batch_size) for i in range(n)])
     seconds = time.perf_counter() - t0
     stats = {"key": spec["key"], "videos": len(entries), "computed": len(todo), "reused": len(entries) - len(todo),
-             "views": len(entries) * cfg.data.train_views * spec["K"], "seconds": seconds,
+             "views": len(entries) * cfg.data.cached_train_views * spec["K"], "seconds": seconds,
              "bytes": store.size_bytes(), "estimated_bytes": total, "spec": spec}
     say(f"frozen targets {spec['key']}: {stats['computed']} videos computed, {stats['reused']} reused in "
         f"{seconds:.1f} s, {stats['bytes'] / 2**20:.1f} MB")

@@ -98,7 +98,8 @@ def setup_worker(cfg, spec: RunSpec, rank: int, world: int, device: torch.device
     phases["ddp_s"], mark = time.time() - mark, time.time()
     optimizer = torch.optim.AdamW(param_groups(tri, t.weight_decay), lr=t.lr)
     train_shard = TrainShard(cfg.storage.clip_cache, spec.train_entries, spec.train_labels, rank=rank, world=world,
-                             seed=t.seed, views=cfg.data.train_views, clip_bytes=train_clip_bytes(cfg),
+                             seed=t.seed, views=cfg.data.cached_train_views, epoch_views=cfg.data.train_views,
+                             clip_bytes=train_clip_bytes(cfg),
                              batch_size=t.batch_size, hold_mb=t.hold_in_memory_mb, window_clips=t.shuffle_window_clips)
     val_shard = EvalShard(cfg.storage.clip_cache, spec.val_entries, spec.val_labels, rank=rank, world=world,
                           hold_mb=t.hold_in_memory_mb)
