@@ -3,6 +3,7 @@ whole benchmark (both pipelines, one seed) at smoke size."""
 
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -99,3 +100,28 @@ def test_bench_peer_runs_both_pipelines_on_one_seed(synth_root, smoke_zoo, pretr
     # TPE's start-up trials are random draws of the same seeded sampler on both sides: the same recipes
     assert r["summary"]["recipe_parity"]["pairs"] >= 1
     assert (tmp_path / "peer.png").exists() and not (tmp_path / "peer.json.partial").exists()
+
+
+def test_grace_finds_the_first_epoch_from_which_the_winner_survives_the_cut(tmp_path):
+    from tmad_ray.bench.grace import grace_table, load_histories, recommended, run_grace_bench, spearman
+
+    # seed 0: "late" is at chance until epoch 3, then wins; a cut at epoch 1 or 2 (top half of 4) drops it
+    h = {0: {"late": [0.25, 0.25, 0.50, 0.70], "early": [0.40, 0.45, 0.45, 0.45], "mid": [0.30, 0.35, 0.40, 0.40],
+             "flat": [0.25, 0.25, 0.25, 0.25]},
+         1: {"late": [0.20, 0.50, 0.60, 0.60], "early": [0.40, 0.40, 0.40, 0.40], "mid": [0.20, 0.30, 0.30, 0.30],
+             "flat": [0.25, 0.25, 0.25, 0.25]}}
+    rows = grace_table(h, reduction_factor=2)
+    assert [r["winner_survives"] for r in rows] == [0.0, 0.5, 1.0]
+    assert recommended(rows) == 3
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0) and spearman([1, 1], [1, 2]) is None
+    assert rows[2]["rank_correlation"] == pytest.approx(statistics.mean([1.0, spearman([0.6, 0.4, 0.3, 0.25],
+                                                                                        [0.6, 0.4, 0.3, 0.25])]))
+    for seed, runs in h.items():  # the same from run directories, as the quality benchmark leaves them
+        for recipe, vals in runs.items():
+            d = tmp_path / f"quality-quality-20261205-000000-{recipe}-s{seed}"
+            d.mkdir()
+            d.joinpath("train_log.jsonl").write_text("".join(
+                json.dumps({"event": "epoch_end", "epoch": i + 1, "val_accuracy": v}) + "\n" for i, v in enumerate(vals)))
+    assert load_histories(sorted(tmp_path.iterdir())) == h
+    r = run_grace_bench(str(tmp_path / "quality-*"), str(tmp_path / "grace.json"))
+    assert r["recommended_grace"] == 3 and json.loads((tmp_path / "grace.json").read_text())["rows"] == rows

@@ -51,8 +51,7 @@ class DataConfig(_Strict):
     train_short_side: int | None = None
     # Temporal views per training video and epoch, drawn once per study (seeded) and cached.
     train_views: int = Field(2, ge=1, le=64)
-    # Cache a pool of this many views per video and train on a different train_views of them each epoch
-    # (seeded): more temporal diversity for long videos, decoded once; None = the train_views themselves.
+    # A pool of views cached per video, train_views of them drawn each epoch (long videos); None: no pool.
     train_view_pool: int | None = Field(None, ge=1, le=256)
     eval_clips: int = Field(2, ge=1, le=32)
     eval_crops: Literal[1, 3] = 3

@@ -57,6 +57,13 @@ def cmd_bench_peer(args) -> int:
     return 0
 
 
+def cmd_bench_grace(args) -> int:
+    from tmad_ray.bench.grace import run_grace_bench
+
+    run_grace_bench(args.runs, out=args.out, reduction_factor=args.reduction_factor)
+    return 0
+
+
 def cmd_bench_startup(args) -> int:
     from tmad_ray.bench.startup import run_startup_bench
 
@@ -124,7 +131,8 @@ def add_bench_commands(sub, config_args) -> None:
 
 
 def add_proof_commands(bench, config_args) -> None:
-    """The benchmarks that compare whole pipelines: ``quality``, ``time-to-quality`` and ``peer``."""
+    """The benchmarks that compare whole pipelines (``quality``, ``time-to-quality``, ``peer``) and what
+    the quality runs tell about early stopping (``grace``)."""
     p = bench.add_parser("quality", help="test accuracy with 95 %% CIs: the searched recipe vs CE-only fine-tuning, "
                                          "the reference framework's defaults, logit KD and one ablation per term")
     p.add_argument("--out", default="bench/quality.json")
@@ -148,3 +156,9 @@ def add_proof_commands(bench, config_args) -> None:
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated search and training seeds")
     config_args(p, "experiments/default.yaml")
     p.set_defaults(fn=cmd_bench_peer)
+    p = bench.add_parser("grace", help="from runs trained to the end (the quality benchmark's): the earliest "
+                         "epoch at which an ASHA cut keeps the eventual best recipe")
+    p.add_argument("--runs", required=True, help="a glob of run directories, e.g. 'outputs/quality-quality-<stamp>-*'")
+    p.add_argument("--reduction-factor", type=float, default=2.0)
+    p.add_argument("--out", default="bench/grace.json")
+    p.set_defaults(fn=cmd_bench_grace)
