@@ -52,6 +52,11 @@ def test_quality_statistics_are_paired_t_intervals_by_hand():
     assert d["better"] and not d["worse"]
     # the same mean as ce_only unpaired, but noisy: neither better nor worse
     assert not out["paired_vs_ce_only"]["logit_kd"]["better"] and not out["paired_vs_ce_only"]["logit_kd"]["worse"]
+    # the searched recipe against every other one, seed by seed: searched − logit_kd = 0.20, -0.02, 0.11
+    v = out["paired_searched_vs"]["logit_kd"]
+    assert v["mean_diff"] == pytest.approx(0.29 / 3) and v["seeds"] == 3 and not v["better"]
+    assert out["paired_searched_vs"]["ce_only"]["mean_diff"] == pytest.approx(d["mean_diff"])
+    assert "searched" not in out["paired_searched_vs"]
     r = {"budget": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "workers": 1}, "seeds": [0, 1, 2], "chance": 0.25,
          "recipe_source": "config", "n_train": 8, "n_val": 200, "n_test": 200, "student_init": "scratch",
          "teacher_test_accuracy": 0.8, "recipes": {"ce_only": {"alpha": 1, "beta": 0, "gamma": 0, "delta": 0,
@@ -62,7 +67,24 @@ def test_quality_statistics_are_paired_t_intervals_by_hand():
                                                                 "temperature": 4.0}}, **out}
     table = quality_table(r)
     assert "| ce_only | 1 | 0 | 0 | 0 | 3.00 | -1 | 0.550 [" in table and "| baseline |" in table
-    assert f"| +{0.29 / 3:.3f} [" in table and "**better**" in table
+    assert f"| +{0.29 / 3:.3f} [" in table and "**better**" in table and "**searched better**" in table
+
+
+def test_quality_resummarize_recomputes_a_finished_benchmark(tmp_path):
+    from tmad_ray.bench.quality import resummarize
+
+    runs = [{"recipe": n, "seed": s, "test_accuracy": a, "val_accuracy": a}
+            for n, accs in {"ce_only": [0.5, 0.6], "searched": [0.6, 0.65]}.items() for s, a in enumerate(accs)]
+    base = {"budget": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "workers": 1}, "seeds": [0, 1], "chance": 0.25,
+            "recipe_source": "config", "n_train": 8, "n_val": 200, "n_test": 200, "student_init": "scratch",
+            "teacher_test_accuracy": None, "runs": runs,
+            "recipes": {n: {"alpha": 1, "beta": 0, "gamma": 0, "delta": 0} for n in ("ce_only", "searched")}}
+    out = tmp_path / "quality.json"
+    out.write_text(json.dumps(base))  # as a run of an older version left it: no paired_searched_vs
+    r = resummarize(str(out))
+    assert r["paired_searched_vs"]["ce_only"]["mean_diff"] == pytest.approx(0.075)
+    assert json.loads(out.read_text())["summary"]["searched"]["test_accuracy"] == [0.6, 0.65]
+    assert (tmp_path / "quality.png").stat().st_size > 1000
 
 
 def test_reference_trial_runs_one_trial_the_reference_way(synth_root, smoke_zoo, tmp_path):

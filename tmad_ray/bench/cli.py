@@ -26,6 +26,11 @@ def cmd_bench_step(args) -> int:
 def cmd_bench_quality(args) -> int:
     from tmad_ray.bench.quality import run_quality_bench
 
+    if args.resummarize:
+        from tmad_ray.bench.quality import resummarize
+
+        resummarize(args.out)
+        return 0
     cfg = load_config(args.config, args.overrides)
     seeds = [int(x) for x in args.seeds.split(",")]
     variants = args.variants.split(",") if args.variants else None
@@ -142,6 +147,7 @@ def add_proof_commands(bench, config_args) -> None:
     p.add_argument("--variants", default=None, help="subset, e.g. searched,reference_default (ce_only is always run)")
     p.add_argument("--parallel", type=int, default=None,
                    help="runs side by side (default: as many as a study's trials here)")
+    p.add_argument("--resummarize", action="store_true", help="recompute the statistics of --out from its runs")
     config_args(p, "experiments/quality.yaml")
     p.set_defaults(fn=cmd_bench_quality)
     p = bench.add_parser("time-to-quality", help="best val accuracy against wall time and test accuracy of the "

@@ -157,9 +157,19 @@ def run_quality_bench(cfg, out: str, seeds: list[int], recipe: str = "searched",
 
 def summarize(runs: list[dict], names: list[str], teacher: float | None) -> dict:
     """``summary.<recipe>``: mean test accuracy and its 95 % CI; ``paired_vs_ce_only.<recipe>``: the
-    mean seed-by-seed difference to ce_only and its 95 % CI (seeds that both ran)."""
+    mean seed-by-seed difference to ce_only and its 95 % CI (seeds that both ran);
+    ``paired_searched_vs.<recipe>``: the same for the searched recipe against every other one."""
     acc = {n: {r["seed"]: r["test_accuracy"] for r in runs if r["recipe"] == n} for n in names}
-    summary, paired = {}, {}
+
+    def paired(a: str, b: str) -> dict | None:
+        both = sorted(set(acc[a]) & set(acc.get(b, {})))
+        if not both:
+            return None
+        d, dci = t_interval([acc[a][s] - acc[b][s] for s in both])
+        return {"mean_diff": d, "ci95": dci, "seeds": len(both),
+                "better": dci is not None and dci[0] > 0, "worse": dci is not None and dci[1] < 0}
+
+    summary, vs_ce, vs_searched = {}, {}, {}
     for n in names:
         xs = [acc[n][s] for s in sorted(acc[n])]
         if not xs:
@@ -169,13 +179,20 @@ def summarize(runs: list[dict], names: list[str], teacher: float | None) -> dict
                       "val_accuracy_mean": statistics.mean(r["val_accuracy"] for r in runs if r["recipe"] == n)}
         if teacher:
             summary[n]["vs_teacher"] = m / teacher
-        if n != "ce_only":
-            both = sorted(set(acc[n]) & set(acc["ce_only"]))
-            if both:
-                d, dci = t_interval([acc[n][s] - acc["ce_only"][s] for s in both])
-                paired[n] = {"mean_diff": d, "ci95": dci, "seeds": len(both),
-                             "better": dci is not None and dci[0] > 0, "worse": dci is not None and dci[1] < 0}
-    return {"summary": summary, "paired_vs_ce_only": paired}
+        if n != "ce_only" and (d := paired(n, "ce_only")):
+            vs_ce[n] = d
+        if n != "searched" and "searched" in acc and (d := paired("searched", n)):
+            vs_searched[n] = d
+    return {"summary": summary, "paired_vs_ce_only": vs_ce, "paired_searched_vs": vs_searched}
+
+
+def resummarize(out: str) -> dict:
+    """Recompute the statistics, table and plot of a finished ``bench quality`` JSON from its runs."""
+    result = json.loads(Path(out).read_text())
+    names = list(result["recipes"])
+    result.update(summarize(result["runs"], names, result.get("teacher_test_accuracy")))
+    plot(result, str(Path(out).with_suffix(".png")))
+    return write_result(result, out, format_table(result))
 
 
 def format_table(r: dict) -> str:
@@ -185,17 +202,25 @@ def format_table(r: dict) -> str:
              f"{b['epochs']} epochs, batch {b['batch_size']}, lr {b['lr']}; student {r['student_init']}; chance "
              f"{r['chance']:.2f}" + (f"; teacher {teacher:.3f}" if teacher else "") +
              f"; searched recipe from {r['recipe_source']}",
-             "| recipe | α | β | γ | δ | T | layers | test accuracy (95 % CI) | vs ce_only, paired (95 % CI) |",
-             "|---|---:|---:|---:|---:|---:|---|---|---|"]
+             "| recipe | α | β | γ | δ | T | layers | test accuracy (95 % CI) | vs ce_only, paired (95 % CI) | "
+             "searched minus this, paired (95 % CI) |",
+             "|---|---:|---:|---:|---:|---:|---|---|---|---|"]
     for name, s in r["summary"].items():
-        p, d = r["recipes"][name], r["paired_vs_ce_only"].get(name)
-        diff = "baseline" if name == "ce_only" else (
-            "-" if d is None else f"{d['mean_diff']:+.3f} {_ci(d['ci95'], '+.3f')}"
-            + (" **better**" if d["better"] else " worse" if d["worse"] else ""))
+        p = r["recipes"][name]
+        vs_ce = "baseline" if name == "ce_only" else _diff(r["paired_vs_ce_only"].get(name), "better", "worse")
+        vs_s = "-" if name == "searched" else _diff(r.get("paired_searched_vs", {}).get(name), "searched better",
+                                                    "searched worse")
         lines.append(f"| {name} | {p['alpha']:.3g} | {p['beta']:.3g} | {p['gamma']:.3g} | {p['delta']:.3g} | "
                      f"{p.get('temperature', 0):.2f} | {p.get('align_layers', '')} | {s['test_accuracy_mean']:.3f} "
-                     f"{_ci(s['ci95'], '.3f')} | {diff} |")
+                     f"{_ci(s['ci95'], '.3f')} | {vs_ce} | {vs_s} |")
     return "\n".join(lines)
+
+
+def _diff(d: dict | None, better: str, worse: str) -> str:
+    if d is None:
+        return "-"
+    return (f"{d['mean_diff']:+.3f} {_ci(d['ci95'], '+.3f')}" +
+            (f" **{better}**" if d["better"] else f" {worse}" if d["worse"] else ""))
 
 
 def _ci(ci: list[float] | None, fmt: str) -> str:
