@@ -2,7 +2,7 @@ import av
 import numpy as np
 import pytest
 
-from tmad_ray.data.clips import (BadVideo, ViewSpec, crop_offsets, decode_views, open_video, probe_video,
+from tmad_ray.data.clips import (BadVideo, UnreadableVideo, ViewSpec, crop_offsets, decode_views, open_video, probe_video,
                                  read_frames, sample_eval_indices, sample_train_indices)
 from tmad_ray.data.synthetic import make_scene, render_video, write_mp4
 
@@ -96,7 +96,7 @@ def test_bad_videos_say_why(tmp_path, video):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(BadVideo, match=reason):
             probe_video(str(tmp_path / name))
-    with pytest.raises(BadVideo, match="missing"):
+    with pytest.raises(UnreadableVideo, match="cannot read the file on this node .No such file"):
         probe_video(str(tmp_path / "nope.mp4"))
     assert probe_video(video) == 24
 

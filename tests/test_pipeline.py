@@ -10,9 +10,9 @@ import pytest
 
 from conftest import smoke_config
 from tmad_ray.data.cache import ClipCache, clips_from_batch, video_key
-from tmad_ray.data.clips import BadVideo, ViewSpec, decode_views
+from tmad_ray.data.clips import BadVideo, UnreadableVideo, ViewSpec, decode_views
 from tmad_ray.data.manifest import load_manifest
-from tmad_ray.data.pipeline import clip_dataset, fill_cache
+from tmad_ray.data.pipeline import DecodeToCache, clip_dataset, decode_to_cache, fill_cache
 from tmad_ray.data.sandbox import Sandbox
 from tmad_ray.data.synthetic import make_scene, render_video, write_mp4
 
@@ -85,7 +85,41 @@ def test_sandbox_turns_crashes_and_hangs_into_bad_videos_and_survives():
         box.close()
 
 
+def test_a_file_this_node_cannot_read_is_never_cached_as_a_bad_video(synth_root, tmp_path):
+    # On a cluster the cache is shared and a path may exist on one node only: ENOENT is not a verdict.
+    spec = ViewSpec.from_config(smoke_config(tmp_path, synth_root).data, "train")
+    cache = ClipCache(str(tmp_path / "clips"))
+    with pytest.raises(UnreadableVideo, match="cannot read the file on this node"):
+        decode_to_cache(str(tmp_path / "gone.mp4"), "ab" * 20, "videos/gone.mp4", spec.__dict__, cache.uri, [])
+    assert cache.lookup("ab" * 20) == ("missing", None)
+    # a file that was read and failed to decode is a verdict, cached
+    (tmp_path / "junk.mp4").write_bytes(b"not a video at all" * 100)
+    with pytest.raises(BadVideo):
+        decode_to_cache(str(tmp_path / "junk.mp4"), "cd" * 20, "videos/junk.mp4", spec.__dict__, cache.uri, [])
+    assert cache.lookup("cd" * 20)[0] == "bad"
+    # through the actor (and its sandboxed child): reported with the node, still not cached
+    udf = DecodeToCache(cache.uri, 30.0, [])
+    out = udf({"abspath": [str(tmp_path / "gone.mp4")], "key": ["ef" * 20], "video_id": ["videos/gone.mp4"],
+               "spec": [spec.__dict__]})
+    assert out["status"][0] == "unreadable" and "(node " in out["detail"][0] and "not cached" in out["detail"][0]
+    assert cache.lookup("ef" * 20) == ("missing", None)
+    udf.sandbox.close()
+
+
 # ---------------------------------------------------------------- Ray Data (integration)
+
+@pytest.mark.integration
+def test_an_older_versions_verdict_on_an_unreadable_file_is_dropped_once(dataset_copy, tmp_path, ray_local, capsys):
+    cfg = smoke_config(tmp_path, dataset_copy)
+    m = manifest_of(cfg)
+    row = m.rows["train"][0]
+    key = video_key(row.abspath(m.root), ViewSpec.from_config(cfg.data, "train"))
+    ClipCache(cfg.storage.clip_cache).write_bad(key, row.path, "missing or unreadable file (No such file or directory)")
+    report = fill_cache(m, cfg)
+    assert report.stale_verdicts == 1 and report.bad == [] and report.entries["train"][row.path] == key
+    assert "1 'bad video' verdict(s) an older version cached for files it could not read" in capsys.readouterr().out
+    assert ClipCache(cfg.storage.clip_cache).lookup(key) == ("clips", None)
+
 
 @pytest.mark.integration
 def test_second_run_decodes_nothing_and_changes_decode_only_themselves(dataset_copy, tmp_path, ray_local):

@@ -108,6 +108,12 @@ class ClipCache:
         body = json.dumps({"video_id": video_id, "reason": reason}).encode()
         self.store.write_bytes(body, *self.entry_parts(key, ".bad.json"))
 
+    def forget_bad(self, key: str) -> None:
+        """Remove the entry's "bad" verdict (when there is one)."""
+        path = self.store.path(*self.entry_parts(key, ".bad.json"))
+        if self.store.fs.get_file_info(path).type == pafs.FileType.File:
+            self.store.fs.delete_file(path)
+
     def read_rows(self, key: str) -> dict:
         """An entry as columns (``video_id``, ``view``, ``clip`` bytes, ``shape``), like a Ray Data batch."""
         return pq.read_table(self.store.path(*self.entry_parts(key)), filesystem=self.store.fs).to_pydict()

@@ -31,6 +31,11 @@ class BadVideo(Exception):
     """A video that cannot be used; ``str(e)`` is the reason recorded in the data report."""
 
 
+class UnreadableVideo(BadVideo):
+    """A file this process could not read (missing, no permission, an I/O error): a fact about the
+    node's view of the storage, not a verdict on the video, so it is never cached as bad."""
+
+
 @dataclass(frozen=True)
 class ViewSpec:
     """Everything that decides the clips of one video; part of the clip-cache key."""
@@ -166,11 +171,13 @@ def open_video(path: str):
 
     try:
         size = os.path.getsize(path)
+        if not os.access(path, os.R_OK):
+            raise PermissionError(13, "Permission denied")
+        truncated = _mp4_truncation(path, size) if size else None
     except OSError as e:
-        raise BadVideo(f"missing or unreadable file ({e.strerror})") from None
+        raise UnreadableVideo(f"cannot read the file on this node ({e.strerror})") from None
     if size == 0:
         raise BadVideo("zero-byte file")
-    truncated = _mp4_truncation(path, size)
     if truncated:
         raise BadVideo(truncated)
     try:

@@ -16,18 +16,21 @@ entry itself, so clips never travel through the object store.
 from __future__ import annotations
 
 import dataclasses
+import platform
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from tmad_ray.data.cache import ClipCache, video_key
-from tmad_ray.data.clips import BadVideo, ViewSpec, decode_views
+from tmad_ray.data.clips import BadVideo, UnreadableVideo, ViewSpec, decode_views
 from tmad_ray.data.manifest import Manifest, Problem
 from tmad_ray.data.sandbox import Sandbox
 from tmad_ray.errors import UserError
 
 MODES = {"train": "train", "val": "eval", "test": "eval"}
+# How versions before 2026-12 worded a file they could not read; such verdicts are not kept.
+STALE_VERDICT = "missing or unreadable file"
 
 
 class DataError(UserError, RuntimeError):
@@ -38,13 +41,17 @@ def decode_to_cache(abspath: str, key: str, video_id: str, spec: dict, cache_uri
                     hang_on: list[str]) -> int:
     """Decode one video's views into the cache (runs in a ``Sandbox``); returns the clip count.
 
-    A ``BadVideo`` is recorded in the cache so that later runs skip the file without decoding it.
+    A ``BadVideo`` is recorded in the cache so that later runs skip the file without decoding it;
+    an ``UnreadableVideo`` (this node cannot read the file) is not: the cache may be shared by nodes
+    and runs that can.
     """
     if any(s in abspath for s in hang_on):  # test-only fault injection (config: faults)
         time.sleep(10**9)
     cache = ClipCache(cache_uri)
     try:
         clips = decode_views(abspath, ViewSpec(**spec))
+    except UnreadableVideo:
+        raise
     except BadVideo as e:
         cache.write_bad(key, video_id, str(e))
         raise
@@ -55,8 +62,9 @@ def decode_to_cache(abspath: str, key: str, video_id: str, spec: dict, cache_uri
 class DecodeToCache:
     """Ray Data UDF (an actor): rows ``{abspath, key, video_id, spec}`` -> rows ``{key, status, detail, clips}``.
 
-    Timeouts and crashes are reported but not recorded in the cache: a deadline can be missed
-    on an overloaded node, so the next run tries the video again.
+    Timeouts, crashes and files this node cannot read are reported (``unreadable`` names the node)
+    but not recorded in the cache: a deadline can be missed on an overloaded node, and a path may be
+    visible from one node and not another, so the next run tries the video again.
     """
 
     def __init__(self, cache_uri: str, timeout_s: float, hang_on: list[str]):
@@ -70,6 +78,8 @@ class DecodeToCache:
                 n = self.sandbox.call(decode_to_cache, str(abspath), str(key), str(video_id), dict(spec),
                                       self.cache_uri, self.hang_on, timeout=self.timeout_s)
                 status, detail = "decoded", ""
+            except UnreadableVideo as e:
+                n, status, detail = 0, "unreadable", f"{e} (node {platform.node()}; not cached, tried again next run)"
             except BadVideo as e:
                 n, status, detail = 0, "bad", str(e)
             out["key"].append(str(key))
@@ -92,6 +102,7 @@ class CacheReport:
     bad: list[Problem] = field(default_factory=list)
     entries: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> video_id -> key
     targets_key: str | None = None  # the frozen-target cache of the study (distill.cache_targets)
+    stale_verdicts: int = 0  # "bad" verdicts an older version cached for files it could not read
 
     @property
     def clips_per_s(self) -> float:
@@ -137,12 +148,18 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
             if state == "clips":
                 report.reused += 1
                 report.entries[split][row.path] = key
-            elif state == "bad":
+            elif state == "bad" and not reason.startswith(STALE_VERDICT):
                 report.bad.append(Problem(row.path, reason, row.file, row.line))
             else:
+                if state == "bad":  # an older version's verdict on a file it could not read: try again
+                    cache.forget_bad(key)
+                    report.stale_verdicts += 1
                 waiting[key] = [(split, row)]
                 todo.append({"abspath": abspath, "key": key, "video_id": row.path, "spec": dataclasses.asdict(spec)})
 
+    if report.stale_verdicts:
+        print(f"clip cache: {report.stale_verdicts} 'bad video' verdict(s) an older version cached for files it "
+              "could not read (not a verdict on the video) were removed; those videos are decoded again")
     t0 = time.perf_counter()
     if todo:
         from tmad_ray.cluster import init_ray

@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import traceback
 
-from tmad_ray.data.clips import BadVideo
+from tmad_ray.data.clips import BadVideo, UnreadableVideo
 
 
 def _serve(conn) -> None:
@@ -24,6 +24,8 @@ def _serve(conn) -> None:
             return
         try:
             conn.send(("ok", fn(*args)))
+        except UnreadableVideo as e:
+            conn.send(("unreadable", str(e)))
         except BadVideo as e:
             conn.send(("bad", str(e)))
         except Exception:
@@ -63,6 +65,8 @@ class Sandbox:
             code = self.proc.exitcode
             self._restart()
             raise BadVideo(f"decoder crashed (exit code {code})") from None
+        if status == "unreadable":
+            raise UnreadableVideo(value)
         if status == "bad":
             raise BadVideo(value)
         if status == "error":
