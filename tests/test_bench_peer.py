@@ -99,7 +99,7 @@ def test_bench_peer_runs_both_pipelines_on_one_seed(synth_root, smoke_zoo, pretr
     assert run["hf_trainer"]["curve"] and run["tmad_ray"]["curve"]
     # TPE's start-up trials are random draws of the same seeded sampler on both sides: the same recipes
     assert r["summary"]["recipe_parity"]["pairs"] >= 1
-    assert (tmp_path / "peer.png").exists() and not (tmp_path / "peer.json.partial").exists()
+    assert (tmp_path / "peer.png").exists() and saved["seeds_planned"] == [0]
 
 
 def test_grace_finds_the_first_epoch_from_which_the_winner_survives_the_cut(tmp_path):

@@ -22,7 +22,6 @@ difference of their best val accuracies with a 95 % t interval.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -240,17 +239,21 @@ def summarize(cfg, runs: list[dict], teacher_test: float | None) -> dict:
 
 def run_peer_bench(cfg, out: str, seeds: list[int], say=print) -> dict:
     """Both pipelines for every seed, one after the other on a quiet machine (the peer alone with the
-    machine's threads, tmad_ray with its own Ray started and stopped inside its clock)."""
+    machine's threads, tmad_ray with its own Ray started and stopped inside its clock). The JSON, table
+    and plot are rewritten after every seed, so a benchmark cut short keeps the seeds it finished."""
     from tmad_ray.data.manifest import load_manifest
     from tmad_ray.data.synthetic import ensure_synthetic
     from tmad_ray.models.toyzoo import ensure_toy_zoo
 
     work = Path(tempfile.mkdtemp(prefix="bench_peer_"))
     t_start = time.time()
-    ensure_synthetic(cfg.data)  # the dataset and the toy zoo exist before either clock starts
+    ensure_synthetic(cfg.data)  # the dataset, the toy zoo and the teacher's score before either clock starts
     ensure_toy_zoo(cfg)
+    d = cfg.data
+    manifest = load_manifest(d.root, d.label_mode, d.val_fraction, d.split_seed)
+    teacher = teacher_test_accuracy(cfg, manifest, work / "teacher")
     threads = torch.get_num_threads()
-    runs = []
+    runs, result = [], {}
     for seed in seeds:
         scfg = cfg.model_copy(deep=True)
         scfg.search.seed, scfg.train.seed = seed, seed
@@ -259,18 +262,13 @@ def run_peer_bench(cfg, out: str, seeds: list[int], say=print) -> dict:
         torch.set_num_threads(threads)
         tm = run_tmad_ray(scfg, work / f"seed{seed}", say, own_ray=True)
         runs.append({"seed": seed, "hf_trainer": hf, "tmad_ray": tm})
-        Path(out).parent.mkdir(parents=True, exist_ok=True)  # what is done so far, should a later seed fail
-        Path(out + ".partial").write_text(json.dumps(runs, indent=1))
-    d = cfg.data
-    manifest = load_manifest(d.root, d.label_mode, d.val_fraction, d.split_seed)
-    result = summarize(cfg, runs, teacher_test_accuracy(cfg, manifest, work / "teacher"))
-    result["videos"] = {split: len(rows) for split, rows in manifest.rows.items()}
-    result["chance"] = 1 / len(manifest.labels)
-    result["benchmark_minutes"] = (time.time() - t_start) / 60
-    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    plot(result, str(Path(out).with_suffix(".png")))
-    Path(out + ".partial").unlink(missing_ok=True)
-    return write_result(result, out, format_table(result))
+        result = summarize(cfg, runs, teacher)
+        result.update(videos={split: len(rows) for split, rows in manifest.rows.items()},
+                      chance=1 / len(manifest.labels), benchmark_minutes=(time.time() - t_start) / 60,
+                      seeds_planned=seeds, machine={"cpus": os.cpu_count(), "platform": platform.platform()})
+        plot(result, str(Path(out).with_suffix(".png")))
+        write_result(result, out, format_table(result))
+    return result
 
 
 def _fmt_s(x):
