@@ -142,3 +142,33 @@ def test_mlflow_fluent_tracking_does_not_leak_to_later_subprocesses(tmp_path, mo
         pass
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://mine:5000" == mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("Invalid Host header - possible DNS rebinding attack detected",
+     "refused the host name '127.0.0.1' (HTTP 403, MLflow 3's DNS-rebinding check; not a credentials problem): "
+     "start the server with `mlflow server --allowed-hosts 127.0.0.1,127.0.0.1:*`"),
+    ("Permission denied", "refused the credentials (HTTP 403)"),
+], ids=["host-check", "credentials"])
+def test_a_403_says_whether_the_host_or_the_credentials_were_refused(body, expected):
+    # a loopback server answering as MLflow 3 does to a Host it does not allow (a Kubernetes service name)
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(403)
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(tracking.TrackingError) as e:
+            tracking.check_tracking_store(f"http://127.0.0.1:{httpd.server_port}", timeout_s=5, tries=1)
+        assert expected in str(e.value)
+    finally:
+        httpd.shutdown()

@@ -23,6 +23,7 @@ import os
 import re
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 from tmad_ray.errors import UserError
@@ -86,6 +87,12 @@ def check_tracking_store(uri: str, timeout_s: float = 5.0, tries: int = 2) -> No
                 reason = redact(str(e).splitlines()[0])[:160]
                 time.sleep(0.5 * (attempt + 1))
                 continue
+            if r.status_code == 403 and "Invalid Host header" in r.text:
+                host = urllib.parse.urlsplit(uri).hostname
+                raise TrackingError(f"the MLflow tracking server {shown} refused the host name {host!r} (HTTP 403, "
+                                    "MLflow 3's DNS-rebinding check; not a credentials problem): start the server "
+                                    f"with `mlflow server --allowed-hosts {host},{host}:*` (or its "
+                                    "MLFLOW_SERVER_ALLOWED_HOSTS), or reach it by a name it already allows")
             if r.status_code in (401, 403):
                 raise TrackingError(f"the MLflow tracking server {shown} refused the credentials (HTTP "
                                     f"{r.status_code}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
