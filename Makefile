@@ -68,7 +68,7 @@ bench-ttq: venv
 	$(BIN)/tmad-ray bench time-to-quality --seeds 0,1,2,3,4 --out bench/time_to_quality.json
 
 # tune.py against the pipeline a user would write instead (HF Trainer + hyperparameter_search with
-# Optuna, decoding per item, no Ray): the same recipes, models and losses, 5 seeds (~1 h here).
+# Optuna, decoding per item, no Ray): the same recipes, models and losses, 5 seeds (~18 min a seed here).
 bench-peer: venv
 	$(BIN)/tmad-ray bench peer --config experiments/default.yaml --seeds 0,1,2,3,4 --out bench/peer.json
 
