@@ -23,6 +23,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        # never the State API address of a Ray an earlier test started and stopped (the cleaner would ask a dead dashboard)
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         # The dashboard stays on: without it, trials that ASHA stops leak their placement groups (Ray 2.60: the dashboard runs the cleaner).
         ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -3,6 +3,7 @@ whole benchmark (both pipelines, one seed) at smoke size."""
 
 import json
 import math
+import os
 import statistics
 
 import numpy as np
@@ -100,6 +101,8 @@ def test_bench_peer_runs_both_pipelines_on_one_seed(synth_root, smoke_zoo, pretr
     # TPE's start-up trials are random draws of the same seeded sampler on both sides: the same recipes
     assert r["summary"]["recipe_parity"]["pairs"] >= 1
     assert (tmp_path / "peer.png").exists() and saved["seeds_planned"] == [0]
+    # the Ray it started and stopped leaves no State API address behind for the next local Ray's cleaner
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
 
 
 def test_grace_finds_the_first_epoch_from_which_the_winner_survives_the_cut(tmp_path):

@@ -21,6 +21,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_STARTED: dict[str, str] = {}  # what init_ray set in this process for the local Ray it started
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray this process started or attached to, and forget the State API address set for a
+    local one: left in the environment it would point the next local Ray's placement-group cleaner
+    at a dead dashboard (stopped trials would then keep their CPUs and the next trial wait forever)."""
+    import ray
+
+    ray.shutdown()
+    if os.environ.get("RAY_API_SERVER_ADDRESS") == _STARTED.pop("api_server", None):
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+
+
 def cpus_needed(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0) -> float:
     """Logical CPUs for ``concurrent_runs`` training runs plus one kept free."""
     t = cfg.train
@@ -79,6 +93,7 @@ def init_ray(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0, quiet: b
     # trial that Tune stops keeps its CPUs and the next trial waits forever. Tell it which one.
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    _STARTED["api_server"] = os.environ["RAY_API_SERVER_ADDRESS"]
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, **quiet_ray)
     if num_cpus > cores and not quiet:

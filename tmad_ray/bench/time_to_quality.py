@@ -83,9 +83,9 @@ def run_tmad_ray(cfg, work: Path, say=print, own_ray: bool = False) -> dict:
     study = run_study(cfg, manifest, report, resources, say=lambda *a: None)
     seconds = time.time() - t0
     if own_ray:
-        import ray
+        from tmad_ray.cluster import shutdown_ray
 
-        ray.shutdown()
+        shutdown_ray()
     if study.best is None:
         raise RuntimeError(f"study {study.name}: no trial reported a result; its trials' errors are in "
                            f"{Path(cfg.storage.ray_results) / study.name}")
