@@ -123,7 +123,10 @@ def _decode_concurrency(cfg) -> int:
 
 
 def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> CacheReport:
-    """Make sure every video of ``splits`` has a cache entry (or a recorded reason why not)."""
+    """Make sure every video of ``splits`` has a cache entry (or a recorded reason why not).
+
+    Long on purpose: the lookup, the stale verdicts, the decode job and the bookkeeping of one pass
+    over the splits read in order; split up, what is decoded and why would hide between helpers."""
     import ray
 
     cache = ClipCache(cfg.storage.clip_cache)
@@ -157,9 +160,7 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
                 waiting[key] = [(split, row)]
                 todo.append({"abspath": abspath, "key": key, "video_id": row.path, "spec": dataclasses.asdict(spec)})
 
-    if report.stale_verdicts:
-        print(f"clip cache: {report.stale_verdicts} 'bad video' verdict(s) an older version cached for files it "
-              "could not read (not a verdict on the video) were removed; those videos are decoded again")
+    _say_stale(report.stale_verdicts)
     t0 = time.perf_counter()
     if todo:
         from tmad_ray.cluster import init_ray
@@ -188,6 +189,12 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
             raise DataError(f"the decode pipeline returned no status for {[r.path for v in waiting.values() for _, r in v]}")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _say_stale(n: int) -> None:
+    if n:
+        print(f"clip cache: {n} 'bad video' verdict(s) an older version cached for files it could not read "
+              "(not a verdict on the video) were removed; those videos are decoded again")
 
 
 def check_bad_fraction(report: CacheReport, max_bad_fraction: float) -> None:
