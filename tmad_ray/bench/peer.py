@@ -187,14 +187,13 @@ def recipe_pairs(run: dict) -> list[dict]:
 
 
 def mean_ci(xs: list[float]) -> dict:
-    """Mean and 95 % t interval (``ci95`` None with fewer than 2 values)."""
-    from scipy import stats
+    """Mean and 95 % t interval (``ci95`` None with fewer than 2 values), as the quality benchmark's."""
+    from tmad_ray.bench.quality import t_interval
 
-    m = statistics.mean(xs) if xs else None
-    if len(xs) < 2:
-        return {"mean": m, "ci95": None, "n": len(xs)}
-    h = stats.t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
-    return {"mean": m, "ci95": [m - h, m + h], "n": len(xs)}
+    if not xs:
+        return {"mean": None, "ci95": None, "n": 0}
+    m, ci = t_interval(xs)
+    return {"mean": m, "ci95": ci, "n": len(xs)}
 
 
 def summarize(cfg, runs: list[dict], teacher_test: float | None) -> dict:
