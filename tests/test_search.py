@@ -315,3 +315,39 @@ def test_a_study_beside_another_ray_gets_its_stopped_trials_resources_back(synth
     r = subprocess.run(args, cwd=tmp_path, env=env(RAY_ADDRESS=""), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("| COMPLETED |") == 2
+
+
+def test_a_study_confirms_its_best_recipes_on_more_seeds_and_exports_the_best_mean(synth_root, smoke_zoo, tmp_path,
+                                                                                   ray_local, capsys, monkeypatch):
+    from statistics import mean
+
+    from tmad_ray.cli import main
+    from tmad_ray.search.confirm import CONFIRM_TAG, CONFIRMS_TAG
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["tune", "--config", str(REPO / "experiments" / "smoke.yaml"),
+               *study_overrides(tmp_path, synth_root, smoke_zoo, "search.num_samples=2", "train.epochs=1",
+                                "search.confirm_top_k=2", "search.confirm_seeds=1")])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "confirming the 2 best recipes on 1 more training seed(s) each (2 runs" in out
+    assert "mean over seeds" in out and "over 2 training seeds" in out
+    best = json.loads(next((tmp_path / "out").glob("*/best.json")).read_text())
+    assert len(best["val_accuracy_runs"]) == 2 and best["val_accuracy_mean"] == pytest.approx(mean(best["val_accuracy_runs"]))
+    c, parents, children = study_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    confirms = [ch for ch in children if CONFIRM_TAG in ch.data.tags]
+    assert len(children) == 4 and len(confirms) == 2 and all(ch.info.status == "FINISHED" for ch in children)
+    assert {ch.data.params["seed"] for ch in confirms} == {"1000"}
+    trial_runs = {ch.data.tags[tracking.TRIAL_TAG]: ch for ch in children if tracking.TRIAL_TAG in ch.data.tags}
+    assert sorted(ch.data.tags[CONFIRMS_TAG] for ch in confirms) == sorted(trial_runs)  # one run per trial
+    assert all(len(c.get_metric_history(ch.info.run_id, "val_accuracy")) == 1 for ch in confirms)  # rank 0 logged
+    # the winner by mean, among the two confirmed recipes; its best run exported and registered from that run
+    other = [ch for ch in confirms if ch.data.tags[CONFIRMS_TAG] != best["trial"]][0]
+    other_mean = mean([trial_runs[other.data.tags[CONFIRMS_TAG]].data.metrics["best_val_accuracy"],
+                       other.data.metrics["best_val_accuracy"]])
+    assert best["val_accuracy_mean"] >= other_mean
+    runs = {**{t: ch.info.run_id for t, ch in trial_runs.items()}, **{ch.data.tags[CONFIRM_TAG]: ch.info.run_id
+                                                                      for ch in confirms}}
+    assert best["exported_run"] in runs
+    version = c.get_model_version_by_alias("tmad_ray_student", "champion")
+    assert version.run_id == runs[best["exported_run"]]

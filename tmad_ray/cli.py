@@ -143,6 +143,9 @@ def print_study(cfg, out) -> int:
     print(f"\nbest: trial #{b.get('trial_number')} ({b['trial']})  {metric} {b[metric]:.3f}  alpha={b['alpha']:.3g} "
           f"beta={b['beta']:.3g} gamma={b['gamma']:.3g} delta={b['delta']:.3g} T={b['temperature']:.2f} "
           f"layers={b['align_layers']}" + (f" lr={b['lr']:.3g}" if "lr" in b else ""))
+    if b.get(f"{metric}_mean") is not None:
+        print(f"  its recipe's mean {metric} over {len(b[f'{metric}_runs'])} training seeds: {b[f'{metric}_mean']:.3f} "
+              f"(the student of its best run is exported)")
     if out.pareto:
         print("\nPareto front:\n" + pareto_table(out.pareto, objective_modes(cfg)[0]))
     startup = startup_summary(Path(cfg.storage.output_dir) / out.name / "trials")

@@ -244,8 +244,10 @@ class SearchConfig(_Strict):
     temperature: list[float] = [1.0, 8.0]
     lr: list[float] | None = None
     align_layer_sets: list[str] = ["-1", "-1,-2", "-1,-2,-3", "-1,-4,-8"]
-    # Also search the student's depth (a depth/width/heads student), e.g. for accuracy vs latency.
-    student_depths: list[int] | None = None
+    student_depths: list[int] | None = None  # also search a depth/width/heads student's depth
+    # Train the k best trials' recipes on confirm_seeds more seeds; export the best mean's (0: off).
+    confirm_top_k: int = Field(0, ge=0)
+    confirm_seeds: int = Field(2, ge=1)
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2, gt=1)
     max_concurrent_trials: int | None = Field(None, ge=1)
@@ -257,18 +259,16 @@ class SearchConfig(_Strict):
         return None if v is None else _check_bounds(f"search.{info.field_name}", v)
 
     @model_validator(mode="after")
-    def _startup(self) -> "SearchConfig":
+    def _consistent(self) -> "SearchConfig":
         if self.startup_trials is not None and self.startup_trials > self.num_samples:
             raise ValueError(f"startup_trials ({self.startup_trials}) must be at most num_samples "
                              f"({self.num_samples}): TPE would never model a result")
-        return self
-
-    @field_validator("student_depths")
-    @classmethod
-    def _depths(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or min(v) < 1):
+        if self.student_depths is not None and (not self.student_depths or min(self.student_depths) < 1):
             raise ValueError("student_depths must list depths >= 1")
-        return v
+        if self.confirm_top_k and self.objectives and len(self.objectives) > 1:
+            raise ValueError("confirm_top_k ranks recipes by one metric; with several objectives the study "
+                             "returns a Pareto front: set confirm_top_k: 0")
+        return self
 
     @field_validator("objectives")
     @classmethod

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tmad_ray import tracking
 from tmad_ray.errors import UserError
-from tmad_ray.search import mlflow_runs
+from tmad_ray.search import confirm, mlflow_runs
 from tmad_ray.search.results import objective_modes, pareto_front, pareto_table, results_table, rows_csv, trial_rows
 from tmad_ray.search.trial import TRIAL_CPU, StudyContext, trial_fn
 from tmad_ray.storage import Storage
@@ -182,7 +182,7 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
         if interrupt.seen or len(statuses) < cfg.search.num_samples or \
                 set(statuses.values()) - {"TERMINATED", "ERROR"}:
             raise KeyboardInterrupt
-        outcome = finish_study(client, cfg, grid, name, parent, uri, out_dir, manifest)
+        outcome = finish_study(client, cfg, grid, name, parent, uri, out_dir, manifest, study, k, say)
         outcome.experiment_id = exp_id
     except KeyboardInterrupt:  # Tune's interrupt, or a second Ctrl-C while it was saving
         done = end_interrupted(client, cfg, name, parent, grid, exp_dir)
@@ -264,24 +264,35 @@ def end_interrupted(client, cfg, study: str, parent: str, grid, exp_dir: str) ->
     return sum(s == "TERMINATED" for s in statuses.values())
 
 
-def finish_study(client, cfg, grid, name: str, parent: str, uri: str, out_dir: Path, manifest=None) -> StudyOutcome:
+def finish_study(client, cfg, grid, name: str, parent: str, uri: str, out_dir: Path, manifest=None,
+                 study: StudyContext | None = None, concurrent: int = 1, say=print) -> StudyOutcome:
     """The end of a finished study: rows, tables and plots (in ``out_dir`` and on the parent run), the
-    best trial's student exported and registered, every child run closed as its trial ended."""
+    best recipe (confirmed on more seeds with ``search.confirm_top_k``) exported and registered from
+    the run that trained it, every child run closed as its trial ended."""
     s = cfg.search
     rows = trial_rows(grid, cfg, name)
     done = [r for r in rows if r[s.metric] is not None]
     best = (max if s.mode == "max" else min)(done, key=lambda r: r[s.metric]) if done else None
+    export_run = best["trial"] if best else None
     objectives, modes = objective_modes(cfg)
+    if best is not None and s.confirm_top_k and study is not None:
+        confirmed = confirm.confirm_top(cfg, rows, study, client, concurrent, say)
+        if confirmed is not None:
+            best, export_run = confirmed
     front = pareto_front(rows, objectives, modes) if len(objectives) > 1 else []
     log_results(client, cfg, parent, rows, front, out_dir)
     student_dir, version = None, None
     if best is not None:
         client.log_metric(parent, f"best_{s.metric}", best[s.metric])
+        if best.get(f"{s.metric}_mean") is not None:
+            client.log_metric(parent, f"best_{s.metric}_mean_over_seeds", best[f"{s.metric}_mean"])
         client.set_tag(parent, "best_trial", f"#{best.get('trial_number')} ({best['trial']})")
-        (out_dir / "best.json").write_text(json.dumps({"study": name, **best}, indent=1))
-        student_dir = export_trial_student(cfg, name, best["trial"], out_dir / "best_student")
-        child = mlflow_runs.trial_run_ids(client, cfg, name).get(best["trial"])
-        if child is not None:  # the registered version's source run is the trial that trained it
+        (out_dir / "best.json").write_text(json.dumps({"study": name, **best, "exported_run": export_run}, indent=1))
+        student_dir = export_trial_student(cfg, name, export_run, out_dir / "best_student")
+        # the registered version's source run is the run that trained it: the trial, or a confirmation run
+        child = mlflow_runs.trial_run_ids(client, cfg, name).get(export_run) or \
+            confirm.confirm_run_ids(client, study, name).get(export_run)
+        if child is not None:
             version = mlflow_runs.register_student(client, cfg, uri, name, best, child, student_dir, manifest)
     # after the model is logged to the best trial's run: its real end time
     mlflow_runs.close_trial_runs(client, cfg, name, rows)
@@ -313,7 +324,8 @@ def log_results(client, cfg, parent: str, rows: list[dict], front: list[dict], o
 
 
 def export_trial_student(cfg, study: str, trial: str, out: Path) -> Path:
-    """The best checkpoint's student of a trial's Train run, copied to ``out``."""
+    """The best checkpoint's student of a Train run of the study (a trial's or a confirmation run's),
+    copied to ``out``."""
     import ray.train
 
     from tmad_ray.train.run import export_best

@@ -85,8 +85,10 @@ def pareto_table(front: list[dict], objectives: list[str]) -> str:
 def results_table(rows: list[dict], metric: str) -> str:
     has_lr = any("lr" in r for r in rows)
     has_depth = any("student_depth" in r for r in rows)
+    has_mean = any(f"{metric}_mean" in r for r in rows)  # trials confirmed on more seeds
     head = ["#", "trial", "alpha", "beta", "gamma", "delta", "T", "layers", *(["lr"] if has_lr else []),
-            *(["depth"] if has_depth else []), f"best {metric}", "epochs", "status"]
+            *(["depth"] if has_depth else []), f"best {metric}", *(["mean over seeds"] if has_mean else []),
+            "epochs", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def f(v, fmt="{:.3g}"):
@@ -94,9 +96,14 @@ def results_table(rows: list[dict], metric: str) -> str:
     for r in rows:
         cells = [str(r.get("trial_number", "-")), r["trial"], *(f(r[k]) for k in WEIGHTS), f(r["temperature"], "{:.2f}"), str(r["align_layers"]),
                  *([f(r.get("lr"))] if has_lr else []), *([str(r.get("student_depth", "-"))] if has_depth else []),
-                 f(r[metric], "{:.3f}"), str(r["epochs"]), r["status"]]
+                 f(r[metric], "{:.3f}"), *([_mean_cell(r, metric)] if has_mean else []), str(r["epochs"]), r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mean_cell(r: dict, metric: str) -> str:
+    runs = r.get(f"{metric}_runs")
+    return "-" if not runs else f"{r[f'{metric}_mean']:.3f} ({len(runs)} runs)"
 
 
 def rows_csv(rows: list[dict]) -> str:
