@@ -65,6 +65,10 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("distill.asym_space=1", "<root>", "distill.asym_space >= 2"),
     ("distill.asym_time=1", "<root>", "distill.asym_time >= 2"),
     ("data.num_frames=2", "<root>", "1 time step"),
+    # never a NaN or an infinity: losses would be NaN every epoch, Optuna would overflow sampling
+    ("train.lr=.inf", "train.lr", "finite number"),
+    ("search.beta=[0.1, .inf]", "search.beta.1", "finite number"),
+    ("distill.temperature=.nan", "distill.temperature", "finite number"),
 ])
 def test_bad_values_fail_naming_the_key(override, key, words):
     with pytest.raises(ConfigError) as e:  # a sized student: its tokenization is known before it loads

@@ -351,3 +351,20 @@ def test_a_study_confirms_its_best_recipes_on_more_seeds_and_exports_the_best_me
     assert best["exported_run"] in runs
     version = c.get_model_version_by_alias("tmad_ray_student", "champion")
     assert version.run_id == runs[best["exported_run"]]
+
+
+def test_trials_whose_loss_is_not_finite_are_never_best_and_the_study_fails(synth_root, smoke_zoo, tmp_path,
+                                                                             ray_local, capsys, monkeypatch):
+    from tmad_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["tune", "--config", str(REPO / "experiments" / "smoke.yaml"),
+               *study_overrides(tmp_path, synth_root, smoke_zoo, "search.num_samples=2", "train.epochs=3",
+                                "search.lr=[1e29, 1e30]", "train.warmup_ratio=0", "train.grad_clip=null")])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "no trial reported a result" in err, out[-3000:]
+    assert out.count("| NON-FINITE LOSS (epoch ") == 2, out[-3000:]
+    c, parents, children = study_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert parents[0].info.status == "FAILED" and [ch.info.status for ch in children] == ["FAILED", "FAILED"]
+    assert all("not finite" in ch.data.tags["non_finite_loss"] for ch in children)
+    assert not list((tmp_path / "out").glob("*/best_student")) and not c.search_model_versions("name='tmad_ray_student'")

@@ -136,3 +136,25 @@ def test_training_reads_the_frozen_target_cache(synth_root, smoke_zoo, tmp_path,
     m = out.result.metrics
     assert {"train_feat", "train_attn", "train_asym", "train_kd_teacher"} <= set(m)
     assert m["train_clips"] == len(manifest.rows["train"]) * cfg.data.train_views
+
+
+def test_a_run_whose_loss_is_not_finite_stops_at_once_and_exports_nothing(synth_root, smoke_zoo, tmp_path, ray_local,
+                                                                         capsys):
+    """A learning rate that blows the weights up: the epoch's loss is NaN or infinite, the run ends
+    with that reason (rc 2), without training on or exporting a student."""
+    from tmad_ray.cli import main
+
+    overrides = [f"data.root={synth_root}", "data.synthetic=null", f"storage.clip_cache={tmp_path / 'clips'}",
+                 f"storage.output_dir={tmp_path / 'out'}", f"storage.ray_results={tmp_path / 'ray'}", *smoke_zoo,
+                 "train.lr=1e30", "train.warmup_ratio=0", "train.grad_clip=null", "train.epochs=3"]
+    rc = main(["train", "--config", str(REPO / "experiments" / "smoke.yaml"), "--name", "diverged", *overrides])
+    out, err = capsys.readouterr()
+    assert rc == 2, out[-2000:] + err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: nothing exported: epoch ") and "the training loss is" in line, line
+    assert "lower train.lr" in line
+    events = [json.loads(line) for line in (tmp_path / "out" / "diverged" / "train_log.jsonl").open()]
+    [stop] = [e["epoch"] for e in events if e["event"] == "non_finite_loss"]
+    assert stop < 3 and not [e for e in events if e["event"] == "epoch_start" and e["epoch"] > stop]  # at once
+    # one step per epoch here: the first step's loss is finite, the weights it leaves are not
+    assert not (tmp_path / "out" / "diverged" / "best_student").exists()

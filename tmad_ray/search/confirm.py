@@ -94,7 +94,7 @@ def confirm_run(cfg, study, client, row: dict, seed: int, say=print) -> tuple[st
     """One confirmation run (reused when a ``--resume`` finds it finished): its name and its best
     value of ``search.metric``, None if it failed (said on the screen and in MLflow)."""
     from tmad_ray.search.results import train_summary
-    from tmad_ray.train.run import build_trainer
+    from tmad_ray.train.run import build_trainer, non_finite_loss
 
     name = f"confirm-{row['trial']}-s{seed}"
     best, ran = train_summary(cfg, study.name, name)
@@ -111,6 +111,8 @@ def confirm_run(cfg, study, client, row: dict, seed: int, say=print) -> tuple[st
     try:
         trainer.fit()
         best, _ = train_summary(cfg, study.name, name)
+        if (why := non_finite_loss(Path(study.trials_dir) / name / "train_log.jsonl")) is not None:
+            raise RuntimeError(why)
         if best is None:
             raise RuntimeError("it reported no checkpoint")
     except Exception as e:  # noqa: BLE001 (one failed confirmation leaves the others' verdict standing)

@@ -192,7 +192,8 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
     except BaseException:
         client.set_terminated(parent, status="FAILED")
         raise
-    client.set_terminated(parent, status="FINISHED")
+    # a study in which no trial reported a usable result failed, whatever Tune says of its trials
+    client.set_terminated(parent, status="FINISHED" if outcome.best is not None else "FAILED")
     return outcome
 
 

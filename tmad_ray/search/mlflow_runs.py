@@ -94,7 +94,8 @@ def close_trial_runs(client, cfg, study: str, rows: list[dict]) -> None:
                 row, row.get(cfg.search.metric), row["epochs"] if st == "STOPPED (ASHA)" else None))
         ended = int(row["ended"] * 1000) if row.get("ended") else None
         client.set_terminated(run.info.run_id, end_time=ended,
-                              status={"ERROR": "FAILED", "": "KILLED", "INTERRUPTED": "KILLED"}.get(st, "FINISHED"))
+                              status="FAILED" if st.startswith("NON-FINITE") else
+                              {"ERROR": "FAILED", "": "KILLED", "INTERRUPTED": "KILLED"}.get(st, "FINISHED"))
 
 
 def evaluate_test(cfg, student_dir: Path, manifest) -> dict:

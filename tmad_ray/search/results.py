@@ -26,6 +26,8 @@ def trial_rows(grid, cfg, study: str) -> list[dict]:
         trial = (r.metrics or {}).get("trial_id") or Path(r.path).name.split("_")[2]
         best, ran = train_summary(cfg, study, trial)
         status = "ERROR" if r.error else ("COMPLETED" if ran >= cfg.train.epochs else "STOPPED (ASHA)")
+        if (r.metrics or {}).get("non_finite_loss"):  # diverged: never the study's best, never exported
+            status, best = f"NON-FINITE LOSS (epoch {r.metrics['non_finite_loss']})", None
         params = r.config or {}
         extra = [o for o in (cfg.search.objectives or []) if o != metric]
         ended = (r.metrics or {}).get("timestamp")  # Tune's time of the trial's last report (seconds)

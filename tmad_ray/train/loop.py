@@ -8,6 +8,7 @@ reporting, because only rank 0's reach Tune.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 
@@ -66,6 +67,9 @@ def train_loop_per_worker(config: dict) -> None:
 
         # ---- report (all-reduced, so rank 0's metrics are the global ones)
         metrics = {**epoch_metrics(w, epoch, tr, va, train_s, first), "epoch_s": time.perf_counter() - t0}
+        if not math.isfinite(metrics["train_loss"]):  # all-reduced: every rank stops at the same epoch
+            stop_non_finite(w, epoch, {**metrics, **(best or best_so_far(cfg, metrics, best))}, mlflow_run)
+            return
         best = best_so_far(cfg, metrics, best)
         report(w, epoch, {**metrics, **best}, mlflow_run, header=first)
 
@@ -104,6 +108,25 @@ def report(w: Worker, epoch: int, metrics: dict, mlflow_run: dict | None, header
             save_checkpoint(w, epoch, metrics, tmp)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
+
+
+def stop_non_finite(w: Worker, epoch: int, metrics: dict, mlflow_run: dict | None) -> None:
+    """A NaN or infinite training loss: the weights are lost, so the run ends here. Its last report
+    carries ``non_finite_loss`` (the epoch) and no checkpoint, so it is never exported; Tune and the
+    searcher still get a result (the best so far before it diverged, or this epoch's own score)."""
+    import ray.train
+
+    why = (f"epoch {epoch}: the training loss is {metrics['train_loss']} (not finite): the run stops here and "
+           "nothing of this epoch is kept; lower train.lr (or search.lr) or the loss weights")
+    w.run_log.write(event="non_finite_loss", epoch=epoch, loss=str(metrics["train_loss"]), why=why)
+    if w.rank == 0:
+        print(why, flush=True)
+        if mlflow_run:
+            from tmad_ray import tracking
+
+            client = tracking.client(mlflow_run["uri"])
+            client.set_tag(tracking.trial_run_id(client, mlflow_run), "non_finite_loss", why)
+    ray.train.report({**metrics, "non_finite_loss": epoch})
 
 
 def _quiet_report_log() -> None:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tmad_ray.errors import UserError
 from tmad_ray.train.loop import train_loop_per_worker
 from tmad_ray.train.worker import STUDENT_DIR, RunSpec
 
@@ -85,8 +86,25 @@ def fit(cfg, manifest, report, name: str, callbacks: list | None = None) -> RunO
     run_dir = Path(cfg.storage.output_dir) / name
     trainer = build_trainer(cfg, manifest, report, name, callbacks, log_path=str(run_dir / "train_log.jsonl"))
     result = trainer.fit()
+    if (why := non_finite_loss(run_dir / "train_log.jsonl")) is not None:
+        raise NonFiniteLoss(f"nothing exported: {why}")
     metrics, student = export_best(result, run_dir / "best_student", cfg.search.metric, cfg.search.mode)
     return RunOutcome(result, metrics, student)
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def non_finite_loss(log_path: Path) -> str | None:
+    """Why the run's latest attempt stopped on a NaN or infinite loss (its log's last such event after
+    its last start), or None."""
+    why = None
+    if Path(log_path).exists():
+        for line in Path(log_path).read_text().splitlines():
+            e = json.loads(line)
+            why = e["why"] if e.get("event") == "non_finite_loss" else None if e.get("event") == "start" else why
+    return why
 
 
 def epoch_history(log_path: Path) -> list[dict]:
