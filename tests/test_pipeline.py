@@ -53,8 +53,51 @@ def test_key_changes_with_file_and_decode_params(tmp_path):
     key = video_key(str(video), spec)
     assert key == video_key(str(video), spec)
     assert key != video_key(str(video), ViewSpec("eval", 8, "stride", 4, 32, 37, 1, 1, 1, 0))
-    os.utime(video, ns=(1, 1))
+    os.utime(video, ns=(1, 1))  # touched, same bytes: nothing to decode again
+    assert key == video_key(str(video), spec)
+    # replaced by other content of the same size with the old mtime kept (cp -p, rsync -t): a new key
+    st, other = video.stat(), tmp_path / "other.mp4"
+    write_mp4(other, render_video(make_scene("B1", np.random.default_rng(1), 32, 32, 16)))
+    body = other.read_bytes()[:st.st_size].ljust(st.st_size, b"\0")
+    video.write_bytes(body)
+    os.utime(video, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert video.stat().st_size == st.st_size and video.stat().st_mtime_ns == st.st_mtime_ns
     assert key != video_key(str(video), spec)
+
+
+def test_a_truncated_or_changed_entry_is_caught_and_a_worker_decodes_it_again(tmp_path, capsys):
+    from tmad_ray.data.cache import CorruptEntry
+    from tmad_ray.data.loader import EntryReader
+    from tmad_ray.data.pipeline import redecode_entry
+
+    video = tmp_path / "videos" / "v.mp4"
+    video.parent.mkdir()
+    write_mp4(video, render_video(make_scene("A", np.random.default_rng(0), 32, 32, 16)))
+    spec = ViewSpec("eval", 8, "stride", 2, 32, 37, 1, 1, 1, 0)
+    cache, key = ClipCache(str(tmp_path / "c")), video_key(str(video), spec)
+    clips = decode_views(str(video), spec)
+    cache.write_clips(key, "videos/v.mp4", clips)
+    entry = tmp_path / "c" / key[:2] / f"{key}.parquet"
+    good = entry.read_bytes()
+    # bytes flipped inside a clip: the footer still reads, the checksum does not match
+    at = good.index(clips[0].tobytes()[:64]) + 100
+    entry.write_bytes(good[:at] + bytes(b ^ 0xFF for b in good[at:at + 2000]) + good[at + 2000:])
+    assert cache.lookup(key) == ("clips", None)
+    with pytest.raises(CorruptEntry, match="fails its checksum"):
+        cache.read_clips(key)
+    # a training worker's reader decodes the video again, rewrites the entry and goes on
+    heal = lambda vid, k, why: redecode_entry(cache.uri, str(tmp_path), spec.__dict__, vid, k, why)  # noqa: E731
+    reader = EntryReader(cache.uri, {"videos/v.mp4": key}, redecode=heal)
+    [(vid, back)] = list(reader.read(["videos/v.mp4"], ahead=1))
+    np.testing.assert_array_equal(back, clips)
+    assert "the entry of videos/v.mp4 is corrupt (view 0 fails its checksum" in capsys.readouterr().out
+    np.testing.assert_array_equal(cache.read_clips(key)[1], clips)  # rewritten whole
+    # truncated: no Parquet footer, caught by the lookup before any worker reads it
+    entry.write_bytes(good[: len(good) // 2])
+    state, why = cache.lookup(key)
+    assert state == "corrupt" and why
+    with pytest.raises(CorruptEntry):
+        cache.read_clips(key)
 
 
 def _crash():
@@ -119,6 +162,21 @@ def test_an_older_versions_verdict_on_an_unreadable_file_is_dropped_once(dataset
     assert report.stale_verdicts == 1 and report.bad == [] and report.entries["train"][row.path] == key
     assert "1 'bad video' verdict(s) an older version cached for files it could not read" in capsys.readouterr().out
     assert ClipCache(cfg.storage.clip_cache).lookup(key) == ("clips", None)
+
+
+@pytest.mark.integration
+def test_a_truncated_entry_is_dropped_and_decoded_again_and_the_run_goes_on(dataset_copy, tmp_path, ray_local, capsys):
+    cfg = smoke_config(tmp_path, dataset_copy)
+    m = manifest_of(cfg)
+    first = fill_cache(m, cfg)
+    row = m.rows["train"][0]
+    key = first.entries["train"][row.path]
+    entry = tmp_path / "clips" / key[:2] / f"{key}.parquet"
+    entry.write_bytes(entry.read_bytes()[:100])
+    again = fill_cache(m, cfg)
+    assert (again.decoded, again.reused, again.bad) == (1, 15, []) and again.entries["train"][row.path] == key
+    assert f"clip cache: 1 corrupt entry removed, decoded again: {row.path} (" in capsys.readouterr().out
+    ClipCache(cfg.storage.clip_cache).read_clips(key)  # whole again
 
 
 @pytest.mark.integration

@@ -1,8 +1,9 @@
 """The clip cache: decoded clips in Parquet, one entry per video, on local disk or any URI.
 
-An entry's key hashes the video's path, size and mtime and every decode parameter
-(``ViewSpec``), so a second run decodes nothing and a changed or added video decodes only
-itself. Entries are written under a temporary name and moved into place when complete: a
+An entry's key hashes the video's path, its size and a fingerprint of its content (the first and
+last 64 KiB), and every decode parameter (``ViewSpec``), so a second run decodes nothing and a
+changed or added video decodes only itself, even when a copy kept the old mtime (``cp -p``,
+rsync). Entries are written under a temporary name and moved into place when complete: a
 reader lists only final names, so a half-written entry is never read (on object stores a
 single-object write is atomic too).
 
@@ -13,6 +14,11 @@ Entry layout (``<cache>/<key[:2]>/<key>.parquet``), one row per view::
     clip:     binary   uint8 T*H*W*C bytes (raw bytes + a fixed shape read back faster than
                        Arrow's tensor extension)
     shape:    list<int32>  [T, H, W, C]
+    crc32:    int64    zlib.crc32 of ``clip``, checked on every read
+
+An entry is verified, not trusted: ``lookup`` reads its Parquet footer (a truncated file has
+none), and every read checks each clip's length and checksum; a bad entry raises
+``CorruptEntry``, and the reader drops it and decodes the video again.
 
 A video that cannot be decoded leaves ``<key>.bad.json`` with the reason, so later runs skip
 it without decoding again; the verdict goes when the file changes (its key changes).
@@ -24,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -33,17 +40,51 @@ import pyarrow.parquet as pq
 from tmad_ray.data.clips import ViewSpec
 from tmad_ray.storage import Storage
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: content fingerprint in the key, crc32 per clip (format-1 entries are never read)
 SCHEMA = pa.schema([("video_id", pa.string()), ("view", pa.int32()), ("clip", pa.binary()),
-                    ("shape", pa.list_(pa.int32()))])
+                    ("shape", pa.list_(pa.int32())), ("crc32", pa.int64())])
+FINGERPRINT_BYTES = 64 * 1024  # read from each end of a video: an MP4's header or index sits at one end
+
+
+class CorruptEntry(Exception):
+    """A cache entry that cannot be read back as it was written (truncated, bytes changed)."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"clip-cache entry {key[:12]}…: {reason}")
+        self.key, self.reason = key, reason
+
+
+def content_fingerprint(abspath: str) -> str:
+    """sha256 of the size and the first and last ``FINGERPRINT_BYTES`` of a file (128 KiB read)."""
+    h = hashlib.sha256()
+    with open(abspath, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        h.update(f.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            h.update(f.read(FINGERPRINT_BYTES))
+    return h.hexdigest()
 
 
 def video_key(abspath: str, spec: ViewSpec) -> str:
     """Content-addressed key of one video's clips; raises ``FileNotFoundError`` if it is gone."""
-    st = os.stat(abspath)
-    ident = {"format": CACHE_FORMAT, "path": os.path.abspath(abspath), "size": st.st_size,
-             "mtime_ns": st.st_mtime_ns, "spec": dataclasses.asdict(spec)}
+    ident = {"format": CACHE_FORMAT, "path": os.path.abspath(abspath), "content": content_fingerprint(abspath),
+             "spec": dataclasses.asdict(spec)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def verify_rows(key: str, rows: dict) -> dict:
+    """``rows`` (an entry as columns) if every clip has its shape's length and its checksum, else
+    ``CorruptEntry``."""
+    if not rows.get("clip"):
+        raise CorruptEntry(key, "no clips")
+    for view, clip, shape, crc in zip(rows["view"], rows["clip"], rows["shape"], rows["crc32"]):
+        if len(clip) != int(np.prod(shape)):
+            raise CorruptEntry(key, f"view {view} has {len(clip)} bytes, its shape {list(shape)} needs {int(np.prod(shape))}")
+        if zlib.crc32(clip) != crc:
+            raise CorruptEntry(key, f"view {view} fails its checksum (bytes changed since it was written)")
+    return rows
 
 
 def clips_to_table(video_id: str, clips: np.ndarray) -> pa.Table:
@@ -56,6 +97,7 @@ def clips_to_table(video_id: str, clips: np.ndarray) -> pa.Table:
         "view": np.arange(len(clips), dtype=np.int32),
         "clip": [c.tobytes() for c in clips],
         "shape": [shape] * len(clips),
+        "crc32": [zlib.crc32(c.tobytes()) for c in clips],
     }, schema=SCHEMA)
 
 
@@ -88,12 +130,18 @@ class ClipCache:
         return self.store.uri(*self.entry_parts(key))
 
     def lookup(self, key: str) -> tuple[str, str | None]:
-        """``("clips", None)``, ``("bad", reason)`` or ``("missing", None)``."""
+        """``("clips", None)``, ``("bad", reason)``, ``("corrupt", reason)`` (an entry whose Parquet
+        footer cannot be read: truncated) or ``("missing", None)``."""
         # one listing call for both names: on an object store each call is a round trip
         store = self.store
         infos = store.fs.get_file_info([store.path(*self.entry_parts(key)),
                                         store.path(*self.entry_parts(key, ".bad.json"))])
         if infos[0].type == pafs.FileType.File:
+            try:
+                with store.fs.open_input_file(infos[0].path) as f:
+                    pq.read_metadata(f)
+            except (OSError, pa.ArrowException) as e:
+                return "corrupt", str(e).splitlines()[0][:200]
             return "clips", None
         if infos[1].type == pafs.FileType.File:  # read it as listed: no second round trip to check it exists
             with store.fs.open_input_stream(infos[1].path) as f:
@@ -108,15 +156,22 @@ class ClipCache:
         body = json.dumps({"video_id": video_id, "reason": reason}).encode()
         self.store.write_bytes(body, *self.entry_parts(key, ".bad.json"))
 
-    def forget_bad(self, key: str) -> None:
-        """Remove the entry's "bad" verdict (when there is one)."""
-        path = self.store.path(*self.entry_parts(key, ".bad.json"))
+    def forget_bad(self, key: str, suffix: str = ".bad.json") -> None:
+        """Remove the entry's "bad" verdict (or, with ``suffix=".parquet"``, its clips) if there is one."""
+        path = self.store.path(*self.entry_parts(key, suffix))
         if self.store.fs.get_file_info(path).type == pafs.FileType.File:
             self.store.fs.delete_file(path)
 
     def read_rows(self, key: str) -> dict:
-        """An entry as columns (``video_id``, ``view``, ``clip`` bytes, ``shape``), like a Ray Data batch."""
-        return pq.read_table(self.store.path(*self.entry_parts(key)), filesystem=self.store.fs).to_pydict()
+        """An entry as columns (``video_id``, ``view``, ``clip`` bytes, ``shape``, ``crc32``), like a Ray
+        Data batch, verified (``CorruptEntry`` otherwise)."""
+        try:
+            rows = pq.read_table(self.store.path(*self.entry_parts(key)), filesystem=self.store.fs).to_pydict()
+        except (OSError, pa.ArrowException) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise CorruptEntry(key, str(e).splitlines()[0][:200]) from None
+        return verify_rows(key, rows)
 
     def read_clips(self, key: str) -> tuple[list[str], np.ndarray]:
         rows = self.read_rows(key)

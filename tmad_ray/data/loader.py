@@ -35,7 +35,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tmad_ray.data.cache import ClipCache
+from tmad_ray.data.cache import ClipCache, CorruptEntry
 from tmad_ray.errors import UserError
 
 
@@ -54,8 +54,9 @@ class EntryReader:
     """Reads whole cache entries (``[V,T,H,W,C]`` uint8, all views of a video) in a given order, up to
     ``ahead`` entries in advance on ``threads`` threads; with ``hold``, keeps every entry it has read."""
 
-    def __init__(self, cache_uri: str, keys: dict[str, str], hold: bool = False, threads: int = 4):
+    def __init__(self, cache_uri: str, keys: dict[str, str], hold: bool = False, threads: int = 4, redecode=None):
         self.cache_uri, self.keys, self.hold, self.threads = cache_uri, keys, hold, threads
+        self.redecode = redecode  # (video_id, key, why) -> clips: a corrupt entry decoded again (pipeline.redecode_entry)
         self.held: dict[str, np.ndarray] = {}
         self.held_bytes = 0
         self._cache: ClipCache | None = None
@@ -63,7 +64,12 @@ class EntryReader:
     def _read(self, video_id: str) -> np.ndarray:
         if self._cache is None:
             self._cache = ClipCache(self.cache_uri)
-        _, clips = self._cache.read_clips(self.keys[video_id])
+        try:
+            _, clips = self._cache.read_clips(self.keys[video_id])
+        except CorruptEntry as e:
+            if self.redecode is None:
+                raise
+            clips = self.redecode(video_id, self.keys[video_id], e.reason)
         return clips
 
     def _submit(self, pool: ThreadPoolExecutor, video_id: str) -> Future:
@@ -115,7 +121,7 @@ class TrainShard:
 
     def __init__(self, cache_uri: str, entries: dict[str, str], labels: dict[str, int], *, rank: int, world: int,
                  seed: int, views: int, clip_bytes: int, batch_size: int, hold_mb: float, window_clips: int,
-                 threads: int = 4, epoch_views: int | None = None):
+                 threads: int = 4, epoch_views: int | None = None, redecode=None):
         if len(entries) < world:
             raise LoaderError(f"{len(entries)} train videos for {world} workers: every worker needs at least one "
                               "(lower train.num_workers)")
@@ -129,7 +135,8 @@ class TrainShard:
         self.steps = math.ceil(self.clips / batch_size)
         self.held = self.per_rank * views * clip_bytes <= hold_mb * 2**20
         self.window = self.per_rank if self.held else max(1, window_clips // self.per_video)
-        self.reader = EntryReader(cache_uri, {v: entries[v] for v in self.own}, hold=self.held, threads=threads)
+        self.reader = EntryReader(cache_uri, {v: entries[v] for v in self.own}, hold=self.held, threads=threads,
+                                  redecode=redecode)
 
     def order(self, epoch: int) -> list[tuple[str, int]]:
         """The ``(video_id, view)`` of every clip this rank trains on in ``epoch``, in order."""
@@ -177,10 +184,11 @@ class EvalShard:
     held in memory after the first pass when they fit ``hold_mb``."""
 
     def __init__(self, cache_uri: str, entries: dict[str, str], labels: dict[str, int], *, rank: int, world: int,
-                 hold_mb: float, threads: int = 4):
+                 hold_mb: float, threads: int = 4, redecode=None):
         self.own = [v for i, v in enumerate(sorted(entries)) if i % world == rank]
         self.labels, self.budget = labels, hold_mb * 2**20
-        self.reader = EntryReader(cache_uri, {v: entries[v] for v in self.own}, hold=True, threads=threads)
+        self.reader = EntryReader(cache_uri, {v: entries[v] for v in self.own}, hold=True, threads=threads,
+                                  redecode=redecode)
 
     def batches(self, batch_size: int) -> Iterator[dict]:
         buf: list[tuple[str, int, np.ndarray]] = []

@@ -16,6 +16,7 @@ entry itself, so clips never travel through the object store.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,15 @@ def decode_to_cache(abspath: str, key: str, video_id: str, spec: dict, cache_uri
         raise
     cache.write_clips(key, video_id, clips)
     return len(clips)
+
+
+def redecode_entry(cache_uri: str, root: str, spec: dict, video_id: str, key: str, why: str) -> np.ndarray:
+    """A cache entry a training worker found corrupt (bytes changed since it was written): the video
+    decoded again and its entry written again, so the run goes on. Returns ``[V, T, H, W, C]``."""
+    print(f"clip cache: the entry of {video_id} is corrupt ({why}); decoded it again", flush=True)
+    clips = decode_views(os.path.join(root, video_id), ViewSpec(**spec))
+    ClipCache(cache_uri).write_clips(key, video_id, clips)
+    return clips
 
 
 class DecodeToCache:
@@ -103,6 +113,7 @@ class CacheReport:
     entries: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> video_id -> key
     targets_key: str | None = None  # the frozen-target cache of the study (distill.cache_targets)
     stale_verdicts: int = 0  # "bad" verdicts an older version cached for files it could not read
+    corrupt: list[str] = field(default_factory=list)  # entries found truncated: "video (why)"
 
     @property
     def clips_per_s(self) -> float:
@@ -157,10 +168,13 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
                 if state == "bad":  # an older version's verdict on a file it could not read: try again
                     cache.forget_bad(key)
                     report.stale_verdicts += 1
+                elif state == "corrupt":  # truncated: dropped, decoded again
+                    cache.forget_bad(key, ".parquet")
+                    report.corrupt.append(f"{row.path} ({reason})")
                 waiting[key] = [(split, row)]
                 todo.append({"abspath": abspath, "key": key, "video_id": row.path, "spec": dataclasses.asdict(spec)})
 
-    _say_stale(report.stale_verdicts)
+    _say_stale(report.stale_verdicts, report.corrupt)
     t0 = time.perf_counter()
     if todo:
         from tmad_ray.cluster import init_ray
@@ -191,10 +205,13 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
     return report
 
 
-def _say_stale(n: int) -> None:
+def _say_stale(n: int, corrupt: list[str]) -> None:
     if n:
         print(f"clip cache: {n} 'bad video' verdict(s) an older version cached for files it could not read "
               "(not a verdict on the video) were removed; those videos are decoded again")
+    if corrupt:
+        print(f"clip cache: {len(corrupt)} corrupt entr{'y' if len(corrupt) == 1 else 'ies'} removed, decoded again: "
+              + "; ".join(corrupt[:5]) + (" …" if len(corrupt) > 5 else ""))
 
 
 def check_bad_fraction(report: CacheReport, max_bad_fraction: float) -> None:

@@ -9,11 +9,13 @@ optimizer and schedule, this rank's train and val shards, and the frozen-target 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -84,6 +86,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
 
 
+def redecoder(cfg, mode: str):
+    """What a shard calls on a corrupt cache entry: decode the video again (``mode``'s views), rewrite it."""
+    from tmad_ray.data.clips import ViewSpec
+    from tmad_ray.data.pipeline import redecode_entry
+
+    return partial(redecode_entry, cfg.storage.clip_cache, cfg.data.root,
+                   dataclasses.asdict(ViewSpec.from_config(cfg.data, mode)))
+
+
 def setup_worker(cfg, spec: RunSpec, rank: int, world: int, device: torch.device, prepare_model, checkpoint,
                  phases: dict) -> tuple[Worker, dict | None]:
     """Models (``prepare_model``: Ray Train's, DDP when world > 1), optimizer, schedule, shards and
@@ -100,9 +111,10 @@ def setup_worker(cfg, spec: RunSpec, rank: int, world: int, device: torch.device
     train_shard = TrainShard(cfg.storage.clip_cache, spec.train_entries, spec.train_labels, rank=rank, world=world,
                              seed=t.seed, views=cfg.data.cached_train_views, epoch_views=cfg.data.train_views,
                              clip_bytes=train_clip_bytes(cfg),
-                             batch_size=t.batch_size, hold_mb=t.hold_in_memory_mb, window_clips=t.shuffle_window_clips)
+                             batch_size=t.batch_size, hold_mb=t.hold_in_memory_mb, window_clips=t.shuffle_window_clips,
+                             redecode=redecoder(cfg, "train"))
     val_shard = EvalShard(cfg.storage.clip_cache, spec.val_entries, spec.val_labels, rank=rank, world=world,
-                          hold_mb=t.hold_in_memory_mb)
+                          hold_mb=t.hold_in_memory_mb, redecode=redecoder(cfg, "eval"))
     steps = math.ceil(train_shard.steps / t.grad_accum) * t.epochs  # optimizer steps of the run
     scheduler = cosine_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
     state = None
