@@ -134,3 +134,47 @@ def test_the_plan_names_the_tracking_uri_actually_used(monkeypatch):
     plan = search_plan(cfg, SimpleNamespace(root="r", rows={"train": []}, labels=[]),
                        SimpleNamespace(decoded=0, reused=0, bad=[], cache="c"))
     assert "tracking  http://***@tracking.internal:5000" in plan and "pw" not in plan
+
+
+def ray_wrapped(cause: BaseException):
+    """``cause`` as a Ray Train run reports a worker's failure: a Train ``WorkerGroupError`` over a
+    ``RayTaskError`` over the exception the worker raised."""
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    task = RayTaskError("RayTrainWorker.run_train_fn", "Traceback (most recent call last): ...", cause)
+    return WorkerGroupError("Training failed due to worker errors:", {1: task, 0: task})
+
+
+def test_the_cause_of_a_workers_failure_reaches_the_user_in_one_line(capsys):
+    from tmad_ray.cli import print_error
+
+    try:
+        raise ray_wrapped(KeyError("crc32"))
+    except Exception as e:  # noqa: BLE001
+        rc = print_error(e)
+    err = capsys.readouterr().err
+    first, second = err.strip().splitlines()
+    assert rc == 1 and first == "error: KeyError: 'crc32' (WorkerGroupError)", err
+    log = Path(second.split("the whole traceback: ")[1].split(" (or")[0])
+    text = log.read_text()
+    assert text.startswith("Traceback") and "WorkerGroupError" in text and "caused by KeyError:" in text
+
+
+def test_a_users_problem_raised_in_a_worker_is_still_the_users_problem(capsys):
+    from tmad_ray.cli import print_error
+    from tmad_ray.data.loader import LoaderError
+
+    rc = print_error(ray_wrapped(LoaderError("3 train videos for 4 workers: lower train.num_workers")))
+    assert rc == 2 and capsys.readouterr().err == "error: 3 train videos for 4 workers: lower train.num_workers\n"
+
+
+@pytest.mark.parametrize("code, words", [(28, "the volume is full (or over quota)"), (30, "the volume is read-only")])
+def test_a_full_or_read_only_volume_names_the_path_and_its_free_space(tmp_path, capsys, code, words):
+    from tmad_ray.cli import print_error
+
+    path = tmp_path / "ray" / "checkpoint_000003" / "state.pt"
+    rc = print_error(ray_wrapped(OSError(code, os.strerror(code), str(path))))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: cannot write {path}: {words}, ") and " GiB free there" in err, err
+    assert "storage.*" in err and len(err.strip().splitlines()) == 1

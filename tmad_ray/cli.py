@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from tmad_ray.bench.cli import add_bench_commands
@@ -276,20 +277,39 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.fn(args)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {' '.join(str(e).split()) if len(str(e).splitlines()) == 1 else e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
         if debug:
             raise
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug, or a failure nobody foresaw: still one line unless asked
+    except Exception as e:  # noqa: BLE001 (what the user can fix, or a bug: one line either way)
         if debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"error: {type(e).__name__}: {first}\n(run again with --debug, or TMAD_RAY_DEBUG=1, for the "
-              "traceback)", file=sys.stderr)
-        return 1
+        return print_error(e)
+
+
+def print_error(e: Exception) -> int:
+    """One line for ``e``, unwrapped through Ray's wrappers to its root cause; an unforeseen failure
+    also leaves its whole traceback in a log file whose path is printed. Returns the exit status."""
+    import tempfile
+    import traceback
+
+    from tmad_ray.errors import cause_chain, environment_problem
+
+    chain = cause_chain(e)
+    cause = chain[-1]
+    known = cause if isinstance(cause, UserError) else environment_problem(cause)
+    if known is not None:
+        print(f"error: {' '.join(str(known).split()) if len(str(known).splitlines()) == 1 else known}",
+              file=sys.stderr)
+        return known.exit_code
+    log = Path(tempfile.gettempdir()) / "tmad_ray" / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # the driver's traceback, then each wrapped failure as Ray reports it (with the worker's traceback)
+    log.write_text("".join(traceback.format_exception(e)) + "".join(
+        f"\n--- caused by {type(c).__name__}:\n{''.join(traceback.format_exception(c))}" for c in chain[1:]))
+    text = " ".join(str(cause).split())[:300]
+    where = f" ({type(e).__name__})" if cause is not e else ""
+    print(f"error: {type(cause).__name__}: {text}{where}\nthe whole traceback: {log} (or run again with --debug)",
+          file=sys.stderr)
+    return 1
