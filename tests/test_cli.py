@@ -96,3 +96,13 @@ def test_every_command_s_help_renders():
 
     names = [p.prog for p in walk(build_parser())]
     assert "tmad-ray bench peer" in names and "tmad-ray bench quality" in names
+
+
+def test_a_study_with_a_failed_trial_exits_non_zero_naming_it(capsys):
+    from tmad_ray.cli import errored_trials
+
+    rows = [{"trial": "a1", "trial_number": 0, "status": "COMPLETED"},
+            {"trial": "b2", "trial_number": 1, "status": "ERROR", "error": "RuntimeError: checkpoint truncated"}]
+    assert errored_trials(rows) == 1
+    assert capsys.readouterr().err.startswith("error: trial #1 (b2) failed: RuntimeError: checkpoint truncated (")
+    assert errored_trials(rows[:1]) == 0

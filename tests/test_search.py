@@ -174,6 +174,28 @@ def test_a_killed_then_interrupted_study_resumes_without_rerunning_finished_tria
     assert finished_before and all(epoch_starts(tmp_path)[t] == [1, 2] for t in finished_before)
 
 
+def test_sigterm_ends_a_study_as_ctrl_c_does_killed_and_resumable(synth_root, smoke_zoo, tmp_path):
+    """What `ray job stop`, Kubernetes and Slurm send: to the driver alone, during the first epochs."""
+    args = [sys.executable, str(REPO / "tune.py"), "--config", str(REPO / "experiments" / "smoke.yaml"),
+            *study_overrides(tmp_path, synth_root, smoke_zoo, "search.num_samples=2", "train.epochs=3")]
+    with open(tmp_path / "run.log", "w") as log:
+        run = subprocess.Popen(args, cwd=tmp_path, env=env(), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and run.poll() is None and not any(epoch_ends(tmp_path).values()):
+            time.sleep(0.5)
+        assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        run.send_signal(signal.SIGTERM)
+        rc = run.wait(timeout=300)
+    out = (tmp_path / "run.log").read_text()
+    assert rc == 130 and "interrupted: study smoke-" in out and "continue it with: python tune.py" in out, out[-3000:]
+    assert "Traceback" not in out and "*** SIGTERM received" not in out
+    c, parents, children = study_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert "RUNNING" not in {ch.info.status for ch in children}
+    assert not list((tmp_path / "ray").glob("smoke-*/tmad_study.lock"))  # released: a resume may start
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -368,3 +390,15 @@ def test_trials_whose_loss_is_not_finite_are_never_best_and_the_study_fails(synt
     assert parents[0].info.status == "FAILED" and [ch.info.status for ch in children] == ["FAILED", "FAILED"]
     assert all("not finite" in ch.data.tags["non_finite_loss"] for ch in children)
     assert not list((tmp_path / "out").glob("*/best_student")) and not c.search_model_versions("name='tmad_ray_student'")
+    # the study is finished and unlocked: resuming it changes nothing; other settings are refused
+    study_dir = next((tmp_path / "ray").glob("smoke-*"))
+    assert not (study_dir / "tmad_study.lock").exists()
+    again = study_overrides(tmp_path, synth_root, smoke_zoo, "search.num_samples=2", "train.epochs=1",
+                            "search.confirm_top_k=2", "search.confirm_seeds=1")
+    assert main(["tune", "--config", str(REPO / "experiments" / "smoke.yaml"), *again, "--resume"]) == 0
+    assert f"study {study_dir.name} has finished (" in capsys.readouterr().out
+    assert c.get_run(parents[0].info.run_id).info.status == "FINISHED"
+    assert main(["tune", "--config", str(REPO / "experiments" / "smoke.yaml"), *again, "train.epochs=3",
+                 "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was started with other settings than this command line's: train.epochs: study 1, command line 3" in err

@@ -103,6 +103,18 @@ def cmd_tune(args) -> int:
     if isinstance(resume, str) and "=" in resume:  # `--resume key=value`: an override, not a study name
         args.overrides, resume = [resume, *args.overrides], True
     cfg = load_config(args.config, args.overrides)  # config errors stop here, before Ray starts
+    if resume:  # the study's own config; a command line that says otherwise is refused
+        from tmad_ray.search.driver import StudyError, study_name
+        from tmad_ray.search.state import resumed_config
+        from tmad_ray.storage import Storage
+
+        resume, _ = study_name(cfg, resume)
+        cfg, finished = resumed_config(cfg, Storage(cfg.storage.ray_results), resume, bool(args.overrides),
+                                       StudyError)
+        if finished:
+            print(f"study {resume} has finished ({finished}): nothing to resume; its results are in "
+                  f"{Path(cfg.storage.output_dir) / resume}. Start a new study without --resume.")
+            return 0
     check_tracking_store(resolve_tracking_uri(cfg.tracking))  # a dead server: seconds, not minutes after preparing
     if not args.verbose:
         quiet_libraries()
@@ -159,7 +171,16 @@ def print_study(cfg, out) -> int:
               f"model: mlflow.pyfunc.load_model('models:/{name}@champion').predict(['video.mp4'])")
     print(f"MLflow parent run {out.parent_run_id}; open the UI with: {mlflow_ui_command(out.tracking_uri)}")
     print(f"  then: {runs_url(out.tracking_uri, out.experiment_id, metric, cfg.search.mode)}")
-    return 0
+    return errored_trials(out.rows)
+
+
+def errored_trials(rows: list[dict]) -> int:
+    """A line per trial that failed (the rest of the study stands), and the exit status: 1 if any did."""
+    failed = [r for r in rows if r["status"] == "ERROR"]
+    for r in failed:
+        print(f"error: trial #{r.get('trial_number')} ({r['trial']}) failed: {r.get('error') or 'no message'} "
+              f"(its traceback: Tune's error.txt under the study's Ray results)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_train(args) -> int:

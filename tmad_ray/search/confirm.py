@@ -124,6 +124,8 @@ def confirm_run(cfg, study, client, row: dict, seed: int, say=print) -> tuple[st
     value = float(best[cfg.search.metric])
     client.log_metric(run_id, f"best_{cfg.search.metric}", value)
     client.set_terminated(run_id, status="FINISHED")
+    say(f"  trial #{row.get('trial_number')}'s recipe on seed {seed}: best {cfg.search.metric} {value:.3f} "
+        f"(the trial itself: {row[cfg.search.metric]:.3f})")
     return name, value
 
 

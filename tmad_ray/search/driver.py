@@ -21,12 +21,13 @@ from pathlib import Path
 
 from tmad_ray import tracking
 from tmad_ray.errors import UserError
-from tmad_ray.search import confirm, mlflow_runs
+from tmad_ray.search import confirm, mlflow_runs, state
 from tmad_ray.search.results import objective_modes, pareto_front, pareto_table, results_table, rows_csv, trial_rows
 from tmad_ray.search.trial import TRIAL_CPU, StudyContext, trial_fn
+from tmad_ray.search.signals import InterruptWatch
+from tmad_ray.search.state import STATE_FILE
 from tmad_ray.storage import Storage
 
-STATE_FILE = "tmad_study.json"  # beside Tune's experiment state: the parent run and what the study is
 
 
 class StudyError(UserError, RuntimeError):
@@ -159,11 +160,21 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
     driver's few lines (the plan is printed by the caller, Tune prints its table)."""
     name, resuming = study_name(cfg, resume)
     results = Storage(cfg.storage.ray_results)
+    if resuming:  # a new study's directory does not exist yet: its lock comes with its state file
+        state.take_lock(results, name, StudyError)
+    try:
+        uri = tracking.resolve_tracking_uri(cfg.tracking)
+        client = tracking.client(uri)
+        exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
+        parent = open_parent_run(cfg, client, results, name, resuming, uri, exp_id, say)
+        return _run(cfg, manifest, report, resources, name, resuming, results, client, uri, exp_id, parent, say)
+    finally:
+        state.release_lock(results, name)
+
+
+def _run(cfg, manifest, report, resources, name, resuming, results, client, uri, exp_id, parent, say) -> StudyOutcome:
+    """``run_study`` once the study holds its lock and its MLflow parent run is open."""
     exp_dir, out_dir = results.uri(name), Path(cfg.storage.output_dir) / name
-    uri = tracking.resolve_tracking_uri(cfg.tracking)
-    client = tracking.client(uri)
-    exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
-    parent = open_parent_run(cfg, client, results, name, resuming, uri, exp_id, say)
     study = StudyContext(name, cfg.model_dump(), manifest, report, uri, exp_id, parent, str(out_dir / "trials"),
                          results.uri(name, "train"))
     k = concurrent_trials(cfg, resources)
@@ -194,6 +205,9 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
         raise
     # a study in which no trial reported a usable result failed, whatever Tune says of its trials
     client.set_terminated(parent, status="FINISHED" if outcome.best is not None else "FAILED")
+    saved = json.loads(results.read_text(name, STATE_FILE))
+    results.write_text(json.dumps({**saved, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1), name,
+                       STATE_FILE)
     return outcome
 
 
@@ -207,39 +221,11 @@ def open_parent_run(cfg, client, results: Storage, name: str, resuming: bool, ur
         return parent
     parent = tracking.open_parent(client, exp_id, name)
     results.write_text(json.dumps({"name": name, "parent_run_id": parent, "experiment_id": exp_id,
-                                   "tracking_uri": tracking.redact(uri)}, indent=1), name, STATE_FILE)
+                                   "tracking_uri": tracking.redact(uri), "config": state.saved_form(cfg)},
+                                  indent=1), name, STATE_FILE)
+    state.take_lock(results, name, StudyError)
     mlflow_runs.log_study_start(client, parent, cfg)
     return parent
-
-
-class InterruptWatch:
-    """Around ``tuner.fit()``. Tune replaces the SIGINT handler for the run and, on Ctrl-C (or SIGUSR1),
-    saves the experiment, puts back the handler it found (ours) and returns. So ours being back at
-    the end means "interrupted" (``seen``); a second Ctrl-C, while Tune saves, raises KeyboardInterrupt."""
-
-    def __init__(self):
-        self.seen, self.previous = False, None
-
-    @staticmethod
-    def _handler(sig, frame):
-        raise KeyboardInterrupt
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread() and \
-                os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0":  # else Ctrl-C raises in fit() itself
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self.previous is not None:
-            self.seen = signal.getsignal(signal.SIGINT) is self._handler
-            signal.signal(signal.SIGINT, self.previous)
-        return False
 
 
 def saved_statuses(exp_dir: str) -> dict[str, str]:
