@@ -128,6 +128,14 @@ def test_the_kuberay_rayjob_runs_the_same_study():
     assert words[:3] == ["python", "tune.py", "--config"] and (CLUSTER.parent / words[3]).is_file()
     assert any(w.startswith("storage.clip_cache=s3://") for w in words)
     assert any(w.startswith("storage.ray_results=s3://") for w in words)
+    # the files every pod must see are on the one shared volume, and every pod has the cloud identity
+    pods = [g["template"]["spec"] for g in [rc["headGroupSpec"], *rc["workerGroupSpecs"]]]
+    assert {p["serviceAccountName"] for p in pods} == {"tmad-ray"}
+    for pod in pods:
+        mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+        assert claims[mounts["/data"]] == "tmad-data"
+    assert {"data.root=/data/processed_dataset", "storage.output_dir=/data/outputs"} <= set(words)
     assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
     head = rc["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert any(e["name"] == "MLFLOW_TRACKING_URI" for e in head["env"])

@@ -69,6 +69,9 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     ("train.lr=.inf", "train.lr", "finite number"),
     ("search.beta=[0.1, .inf]", "search.beta.1", "finite number"),
     ("distill.temperature=.nan", "distill.temperature", "finite number"),
+    # read and written as local files: a URI there would become a local directory named "s3:"
+    ("storage.output_dir=s3://b/out", "storage.output_dir", "is a URI; it must be a local path"),
+    ("data.root=gs://b/videos", "data.root", "a mount every node shares"),
 ])
 def test_bad_values_fail_naming_the_key(override, key, words):
     with pytest.raises(ConfigError) as e:  # a sized student: its tokenization is known before it loads

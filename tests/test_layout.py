@@ -17,7 +17,7 @@ LAYERS = [
     ["tmad_ray.train"],
     ["tmad_ray.serving"],
     ["tmad_ray.search"],
-    ["tmad_ray.study"],
+    ["tmad_ray.study", "tmad_ray.preflight"],
     ["tmad_ray.bench"],
     ["tmad_ray.cli", "tmad_ray.__main__", "tmad_ray.serving_entry"],
 ]

@@ -116,3 +116,15 @@ def test_several_objectives_are_taken_at_the_best_epoch_of_the_metric():
     for loss in [0.9, 0.7, 0.8]:
         best = best_so_far(cfg, {"val_loss": loss}, best)
     assert best == {"best_val_loss": 0.7}
+
+
+def test_the_recipes_given_are_the_first_trials_then_the_search_goes_on():
+    reference = {"alpha": 1.0, "beta": 1.0, "gamma": 0.5, "delta": 0.01, "temperature": 4.0, "align_layers": "-1,-2,-3"}
+    cfg = load_config("experiments/quality.yaml")
+    assert cfg.search.points_to_evaluate == [reference]  # the reference framework's recipe first
+    searcher, _ = build_searcher(cfg)
+    first, second = run_trials(searcher, cfg, ["t0", "t1"])
+    assert {k: first[k] for k in reference} == reference and first["trial_number"] == 0
+    assert {k: second[k] for k in reference} != reference
+    with pytest.raises(Exception, match="points_to_evaluate: unknown keys \\['lr_typo'\\]"):
+        load_config("experiments/quality.yaml", ["search.points_to_evaluate=[{lr_typo: 0.1}]"])

@@ -94,6 +94,7 @@ def cmd_tune(args) -> int:
     """The search: data cached once, then Tune + Optuna trials of Ray Train runs, tracked in MLflow."""
     from tmad_ray.cluster import init_ray, local_trials
     from tmad_ray.distill.trimodel import token_grid
+    from tmad_ray.preflight import check_cluster
     from tmad_ray.search.driver import StudyInterrupted, check_layer_sets, run_study
     from tmad_ray.search.trial import TRIAL_CPU
     from tmad_ray.study import describe_models, prepare_study, search_plan
@@ -122,6 +123,7 @@ def cmd_tune(args) -> int:
     resources = init_ray(cfg, local_trials(cfg), per_run_extra=TRIAL_CPU, worker_logs=args.verbose)
     if not args.verbose:
         quiet_libraries()  # again: Ray Data and Tune set their loggers' levels when they start
+    check_cluster(cfg, resolve_tracking_uri(cfg.tracking))  # several nodes: shared paths, a server (else rc 2)
 
     manifest, report, models = prepare_study(cfg)
     check_layer_sets(cfg, models["student"].config.num_hidden_layers, token_grid(models["student"].config))
@@ -195,6 +197,10 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     name = args.name or f"{cfg.name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
     init_ray(cfg)  # the cluster of `ray job submit`, else a local Ray sized for the run
+    from tmad_ray.preflight import check_cluster
+    from tmad_ray.tracking import resolve_tracking_uri
+
+    check_cluster(cfg, resolve_tracking_uri(cfg.tracking))  # several nodes: every path shared (else rc 2)
     manifest, report, models = prepare_study(cfg)
     print(describe_models(models))
     del models

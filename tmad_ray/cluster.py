@@ -35,6 +35,15 @@ def shutdown_ray() -> None:
         os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
+def _api_server(context) -> None:
+    """Attached to a running cluster: point Ray Train's placement-group cleaner (the State API) at that
+    cluster's dashboard, which it would otherwise look for among every Ray on the machine."""
+    url = getattr(context, "dashboard_url", None)
+    if url and not os.environ.get("RAY_API_SERVER_ADDRESS"):
+        os.environ["RAY_API_SERVER_ADDRESS"] = url if "://" in url else f"http://{url}"
+        _STARTED["api_server"] = os.environ["RAY_API_SERVER_ADDRESS"]
+
+
 def cpus_needed(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0) -> float:
     """Logical CPUs for ``concurrent_runs`` training runs plus one kept free."""
     t = cfg.train
@@ -68,11 +77,11 @@ def init_ray(cfg, concurrent_runs: int = 1, per_run_extra: float = 0.0, quiet: b
     quiet_ray = {} if worker_logs else {"log_to_driver": False, "logging_level": logging.WARNING}
     address = os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ray.init(**quiet_ray)  # the cluster of `ray job submit` (or the one RAY_ADDRESS names)
+        _api_server(ray.init(**quiet_ray))  # the cluster of `ray job submit` (or the one RAY_ADDRESS names)
         return ray.cluster_resources()
     if not address and os.path.exists(os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")):
         # `ray start` wrote this: attach to that cluster (never to another driver's private Ray)
-        ray.init(address="auto", **quiet_ray)
+        _api_server(ray.init(address="auto", **quiet_ray))
         return ray.cluster_resources()
     cores = os.cpu_count() or 1
     # A small, busy machine can take more than Ray Train's default 60 s to start a worker group

@@ -86,6 +86,11 @@ def config_from_dict(tree: dict, source: str = "<dict>", base: Path | None = Non
         cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
+    for key, value in (("data.root", cfg.data.root), ("storage.output_dir", cfg.storage.output_dir)):
+        if _is_uri(value):  # decord opens local files; logs and the exported student are written as files
+            raise ConfigError(f"invalid config ({source}):\n  {key}: {value} is a URI; it must be a local path (on a "
+                              "cluster, a mount every node shares). URIs work for storage.clip_cache and "
+                              "storage.ray_results")
     base = Path.cwd() if base is None else base
     cfg.data.root = _absolute(cfg.data.root, base)
     cfg.models.cache_dir = _absolute(cfg.models.cache_dir, base)

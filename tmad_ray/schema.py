@@ -245,6 +245,8 @@ class SearchConfig(_Strict):
     lr: list[float] | None = None
     align_layer_sets: list[str] = ["-1", "-1,-2", "-1,-2,-3", "-1,-4,-8"]
     student_depths: list[int] | None = None  # also search a depth/width/heads student's depth
+    # Recipes to try first (Tune's points_to_evaluate), e.g. the reference framework's or your own.
+    points_to_evaluate: list[dict[str, float | str]] = []
     # Train the k best trials' recipes on confirm_seeds more seeds; export the best mean's (0: off).
     confirm_top_k: int = Field(0, ge=0)
     confirm_seeds: int = Field(2, ge=1)
@@ -265,18 +267,16 @@ class SearchConfig(_Strict):
                              f"({self.num_samples}): TPE would never model a result")
         if self.student_depths is not None and (not self.student_depths or min(self.student_depths) < 1):
             raise ValueError("student_depths must list depths >= 1")
+        known = {"val_accuracy", "val_macro_f1", "val_loss", "student_latency_ms", "student_params_m"}
+        if self.objectives is not None and (not self.objectives or set(self.objectives) - known):
+            raise ValueError(f"objectives must be among {sorted(known)}")
+        known = {"alpha", "beta", "gamma", "delta", "temperature", "align_layers", "lr", "student_depth"}
+        if bad := {k for point in self.points_to_evaluate for k in point} - known:
+            raise ValueError(f"points_to_evaluate: unknown keys {sorted(bad)}; use {sorted(known)}")
         if self.confirm_top_k and self.objectives and len(self.objectives) > 1:
             raise ValueError("confirm_top_k ranks recipes by one metric; with several objectives the study "
                              "returns a Pareto front: set confirm_top_k: 0")
         return self
-
-    @field_validator("objectives")
-    @classmethod
-    def _objectives(cls, v: list[str] | None) -> list[str] | None:
-        known = {"val_accuracy", "val_macro_f1", "val_loss", "student_latency_ms", "student_params_m"}
-        if v is not None and (not v or set(v) - known):
-            raise ValueError(f"objectives must be among {sorted(known)}")
-        return v
 
     @field_validator("align_layer_sets")
     @classmethod

@@ -95,10 +95,11 @@ def build_searcher(cfg):
     if len(objectives) > 1:  # NSGA-II: ASHA stops on one metric; with several, every trial runs to the end
         sampler = StudySampler("nsga2", s.seed)
         return (OptunaSearch(space=space_for(s), metric=[f"best_{o}" for o in objectives], mode=modes,
-                             sampler=sampler), FIFOScheduler())
+                             sampler=sampler, points_to_evaluate=first_points(s)), FIFOScheduler())
     sampler = StudySampler(s.algorithm, s.seed, startup_trials(s))
     metric = f"best_{s.metric}"
-    return (OptunaSearch(space=space_for(s), metric=metric, mode=s.mode, sampler=sampler),
+    return (OptunaSearch(space=space_for(s), metric=metric, mode=s.mode, sampler=sampler,
+                         points_to_evaluate=first_points(s)),
             ASHAScheduler(time_attr="epoch", metric=metric, mode=s.mode, max_t=cfg.train.epochs,
                           grace_period=min(s.grace_period, cfg.train.epochs), reduction_factor=s.reduction_factor))
 
@@ -109,3 +110,10 @@ def startup_trials(search_cfg) -> int:
     of 10 would make a 9-trial study random search)."""
     s = search_cfg
     return s.startup_trials if s.startup_trials is not None else max(2, s.num_samples // 3)
+
+
+def first_points(search_cfg) -> list[dict] | None:
+    """``search.points_to_evaluate``: the study's first trials, as given (Optuna enqueues them; a layer
+    set is its string, as the space samples it)."""
+    return [{k: str(v) if k == "align_layers" else v for k, v in p.items()} for p in search_cfg.points_to_evaluate] \
+        or None
