@@ -373,6 +373,18 @@ def test_a_study_confirms_its_best_recipes_on_more_seeds_and_exports_the_best_me
     assert best["exported_run"] in runs
     version = c.get_model_version_by_alias("tmad_ray_student", "champion")
     assert version.run_id == runs[best["exported_run"]]
+    # the study is finished and unlocked: resuming it changes nothing; other settings are refused
+    study_dir = next((tmp_path / "ray").glob("smoke-*"))
+    assert not (study_dir / "tmad_study.lock").exists()
+    again = study_overrides(tmp_path, synth_root, smoke_zoo, "search.num_samples=2", "train.epochs=1",
+                            "search.confirm_top_k=2", "search.confirm_seeds=1")
+    assert main(["tune", "--config", str(REPO / "experiments" / "smoke.yaml"), *again, "--resume"]) == 0
+    assert f"study {study_dir.name} has finished (" in capsys.readouterr().out
+    assert c.get_run(parents[0].info.run_id).info.status == "FINISHED"
+    assert main(["tune", "--config", str(REPO / "experiments" / "smoke.yaml"), *again, "train.epochs=3",
+                 "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was started with other settings than this command line's: train.epochs: study 1, command line 3" in err
 
 
 def test_trials_whose_loss_is_not_finite_are_never_best_and_the_study_fails(synth_root, smoke_zoo, tmp_path,
@@ -390,15 +402,3 @@ def test_trials_whose_loss_is_not_finite_are_never_best_and_the_study_fails(synt
     assert parents[0].info.status == "FAILED" and [ch.info.status for ch in children] == ["FAILED", "FAILED"]
     assert all("not finite" in ch.data.tags["non_finite_loss"] for ch in children)
     assert not list((tmp_path / "out").glob("*/best_student")) and not c.search_model_versions("name='tmad_ray_student'")
-    # the study is finished and unlocked: resuming it changes nothing; other settings are refused
-    study_dir = next((tmp_path / "ray").glob("smoke-*"))
-    assert not (study_dir / "tmad_study.lock").exists()
-    again = study_overrides(tmp_path, synth_root, smoke_zoo, "search.num_samples=2", "train.epochs=1",
-                            "search.confirm_top_k=2", "search.confirm_seeds=1")
-    assert main(["tune", "--config", str(REPO / "experiments" / "smoke.yaml"), *again, "--resume"]) == 0
-    assert f"study {study_dir.name} has finished (" in capsys.readouterr().out
-    assert c.get_run(parents[0].info.run_id).info.status == "FINISHED"
-    assert main(["tune", "--config", str(REPO / "experiments" / "smoke.yaml"), *again, "train.epochs=3",
-                 "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert "was started with other settings than this command line's: train.epochs: study 1, command line 3" in err
