@@ -88,6 +88,7 @@ def quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in ("mlflow", "alembic", "ray", "ray.data", "ray.tune", "ray.train", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we did
 
 
 def cmd_tune(args) -> int:
@@ -125,7 +126,7 @@ def cmd_tune(args) -> int:
         quiet_libraries()  # again: Ray Data and Tune set their loggers' levels when they start
     check_cluster(cfg, resolve_tracking_uri(cfg.tracking))  # several nodes: shared paths, a server (else rc 2)
 
-    manifest, report, models = prepare_study(cfg)
+    manifest, report, models = prepare_study(cfg, quiet=not args.verbose)
     check_layer_sets(cfg, models["student"].config.num_hidden_layers, token_grid(models["student"].config))
     print(search_plan(cfg, manifest, report))
     print(describe_models(models))

@@ -36,14 +36,14 @@ def prepare_data(cfg, quiet: bool = False):
     return manifest, report
 
 
-def prepare_study(cfg):
+def prepare_study(cfg, quiet: bool = False):
     """Data cached once (bad fraction checked), every model loaded and, with ``distill.cache_targets``,
     the frozen models' targets computed once: (manifest, report, models)."""
     from tmad_ray.data.pipeline import check_bad_fraction
     from tmad_ray.models.hf import load_models
     from tmad_ray.models.toyzoo import ensure_toy_zoo
 
-    manifest, report = prepare_data(cfg)
+    manifest, report = prepare_data(cfg, quiet)  # quiet: our one decode line instead of Ray Data's progress log
     check_bad_fraction(report, cfg.data.max_bad_fraction)
     ensure_toy_zoo(cfg)
     models = load_models(cfg, manifest.labels)

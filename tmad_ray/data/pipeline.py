@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -181,6 +182,8 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
 
         init_ray(cfg)  # the cluster under `ray job submit`, else a local Ray
         size = min(_decode_concurrency(cfg), len(todo))
+        print(f"clip cache: decoding {len(todo)} videos ({size} at a time) into {cfg.storage.clip_cache}",
+              file=sys.stderr, flush=True)  # stderr: `data cache --json` keeps stdout for its JSON
         statuses = (
             ray.data.from_items(todo, override_num_blocks=len(todo))
             .map_batches(DecodeToCache, batch_size=1, num_cpus=1,
