@@ -197,6 +197,9 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     name = args.name or f"{cfg.name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
+    # no "Loading weights" / "Writing model shards" bars from the workers: set before Ray starts them
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     init_ray(cfg)  # the cluster of `ray job submit`, else a local Ray sized for the run
     from tmad_ray.preflight import check_cluster
     from tmad_ray.tracking import resolve_tracking_uri
