@@ -107,6 +107,7 @@ def study_overrides(work: Path, sizes: dict, trials: int) -> list[str]:
         "train.num_workers=2", "train.use_gpu=false", "train.cpus_per_worker=1", "train.epochs=1",
         "train.batch_size=2", "train.grad_accum=2", "train.hold_in_memory_mb=0",
         f"search.num_samples={trials}", "search.grace_period=1", f"search.align_layer_sets={s['layer_sets']}",
+        "search.confirm_top_k=0",  # the path at real shapes, once per trial: no confirmation runs on top
         f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=rehearse",
         f"storage.clip_cache={work / 'cache'}", f"storage.ray_results={work / 'ray_results'}",
         f"storage.output_dir={work / 'outputs'}",
