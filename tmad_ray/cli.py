@@ -191,7 +191,9 @@ def cmd_train(args) -> int:
     import time
 
     from tmad_ray.cluster import init_ray
+    from tmad_ray.preflight import check_cluster
     from tmad_ray.study import describe_models, prepare_study
+    from tmad_ray.tracking import resolve_tracking_uri
     from tmad_ray.train.metrics import epoch_row
     from tmad_ray.train.run import epoch_history, fit
 
@@ -201,9 +203,6 @@ def cmd_train(args) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     init_ray(cfg)  # the cluster of `ray job submit`, else a local Ray sized for the run
-    from tmad_ray.preflight import check_cluster
-    from tmad_ray.tracking import resolve_tracking_uri
-
     check_cluster(cfg, resolve_tracking_uri(cfg.tracking))  # several nodes: every path shared (else rc 2)
     manifest, report, models = prepare_study(cfg)
     print(describe_models(models))

@@ -4,7 +4,7 @@ A ``UserError`` is printed by ``tmad-ray`` (and ``tune.py``) as one line, ``erro
 what to do>``, with exit status ``exit_code`` (2: bad input, the default; 1: a service or download
 that failed and may work on a second try). A full or read-only volume is the user's too (``NoSpace``,
 exit 2). Anything else is a bug: one line too, naming the root cause (unwrapped from Ray's task and
-Train errors, ``root_cause``), with the whole traceback in a log file whose path is printed (or on
+Train errors, ``cause_chain``), with the whole traceback in a log file whose path is printed (or on
 the screen with ``--debug`` / ``TMAD_RAY_DEBUG=1``).
 """
 
@@ -41,10 +41,6 @@ def cause_chain(e: BaseException) -> list[BaseException]:
         chain.append(nxt)
         e = nxt
     return chain
-
-
-def root_cause(e: BaseException) -> BaseException:
-    return cause_chain(e)[-1]
 
 
 def environment_problem(e: BaseException) -> NoSpace | None:

@@ -92,12 +92,13 @@ def clips_to_table(video_id: str, clips: np.ndarray) -> pa.Table:
     if clips.dtype != np.uint8 or clips.ndim != 5:
         raise ValueError(f"expected uint8 [V,T,H,W,C] clips, got {clips.dtype} {clips.shape}")
     shape = list(clips.shape[1:])
+    blobs = [c.tobytes() for c in clips]
     return pa.table({
         "video_id": [video_id] * len(clips),
         "view": np.arange(len(clips), dtype=np.int32),
-        "clip": [c.tobytes() for c in clips],
+        "clip": blobs,
         "shape": [shape] * len(clips),
-        "crc32": [zlib.crc32(c.tobytes()) for c in clips],
+        "crc32": [zlib.crc32(b) for b in blobs],
     }, schema=SCHEMA)
 
 
@@ -156,8 +157,9 @@ class ClipCache:
         body = json.dumps({"video_id": video_id, "reason": reason}).encode()
         self.store.write_bytes(body, *self.entry_parts(key, ".bad.json"))
 
-    def forget_bad(self, key: str, suffix: str = ".bad.json") -> None:
-        """Remove the entry's "bad" verdict (or, with ``suffix=".parquet"``, its clips) if there is one."""
+    def remove(self, key: str, suffix: str) -> None:
+        """Remove the entry's file with this suffix (``.bad.json``: its verdict, ``.parquet``: its clips)
+        if there is one."""
         path = self.store.path(*self.entry_parts(key, suffix))
         if self.store.fs.get_file_info(path).type == pafs.FileType.File:
             self.store.fs.delete_file(path)

@@ -167,10 +167,10 @@ def fill_cache(manifest: Manifest, cfg, splits=("train", "val", "test")) -> Cach
                 report.bad.append(Problem(row.path, reason, row.file, row.line))
             else:
                 if state == "bad":  # an older version's verdict on a file it could not read: try again
-                    cache.forget_bad(key)
+                    cache.remove(key, ".bad.json")
                     report.stale_verdicts += 1
                 elif state == "corrupt":  # truncated: dropped, decoded again
-                    cache.forget_bad(key, ".parquet")
+                    cache.remove(key, ".parquet")
                     report.corrupt.append(f"{row.path} ({reason})")
                 waiting[key] = [(split, row)]
                 todo.append({"abspath": abspath, "key": key, "video_id": row.path, "spec": dataclasses.asdict(spec)})

@@ -23,11 +23,10 @@ from tmad_ray import tracking
 from tmad_ray.errors import UserError
 from tmad_ray.search import confirm, mlflow_runs, state
 from tmad_ray.search.results import objective_modes, pareto_front, pareto_table, results_table, rows_csv, trial_rows
-from tmad_ray.search.trial import TRIAL_CPU, StudyContext, trial_fn
 from tmad_ray.search.signals import InterruptWatch
 from tmad_ray.search.state import STATE_FILE
+from tmad_ray.search.trial import TRIAL_CPU, StudyContext, trial_fn
 from tmad_ray.storage import Storage
-
 
 
 class StudyError(UserError, RuntimeError):
