@@ -13,7 +13,7 @@ LAYERS = [
     ["tmad_ray.data"],
     ["tmad_ray.models"],
     ["tmad_ray.distill"],
-    ["tmad_ray.tracking"],
+    ["tmad_ray.tracking", "tmad_ray.tracking_queue"],
     ["tmad_ray.train"],
     ["tmad_ray.serving"],
     ["tmad_ray.search"],

@@ -252,17 +252,28 @@ def epoch_metrics(metrics: dict) -> dict[str, float]:
     return {k: out[k] for k in first}
 
 
-def log_epoch(client, run_id: str, metrics: dict, labels: list[str]) -> None:
-    """Per-epoch metrics (step = epoch; ``best_val_accuracy`` is the best so far, the column to sort
-    trials by) and the latest confusion matrix and per-class table."""
-    import time
+def log_epoch(client, run_id: str, metrics: dict, labels: list[str], timestamp_ms: int | None = None) -> None:
+    """Per-epoch metrics (``log_epoch_metrics``) and the epoch's confusion matrix and per-class table
+    (``log_epoch_artifacts``)."""
+    log_epoch_metrics(client, run_id, metrics, timestamp_ms)
+    log_epoch_artifacts(client, run_id, metrics, labels)
 
+
+def log_epoch_metrics(client, run_id: str, metrics: dict, timestamp_ms: int | None = None) -> None:
+    """Per-epoch metrics (step = epoch; ``best_val_accuracy`` is the best so far, the column to sort
+    trials by). A write tried again with the same ``timestamp_ms`` is not a second point: MLflow keeps
+    one row per (key, timestamp, step, value)."""
     from mlflow.entities import Metric
 
+    step, now = int(metrics["epoch"]), timestamp_ms or int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in epoch_metrics(metrics).items()])
+
+
+def log_epoch_artifacts(client, run_id: str, metrics: dict, labels: list[str]) -> None:
+    """The latest confusion matrix and per-class table (each epoch's replace the last's)."""
     from tmad_ray.plots import plot_confusion
 
-    step, now = int(metrics["epoch"]), int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in epoch_metrics(metrics).items()])
+    step = int(metrics["epoch"])
     with tempfile.TemporaryDirectory() as d:
         plot_confusion(metrics["val_confusion"], labels, os.path.join(d, "confusion_matrix.png"),
                        title=f"val, epoch {step}")

@@ -105,8 +105,8 @@ def confirm_run(cfg, study, client, row: dict, seed: int, say=print) -> tuple[st
     run_id = open_confirm_run(client, study, name, row, seed)
     trainer = build_trainer(run_cfg, study.manifest, study.report, name,
                             log_path=str(Path(study.trials_dir) / name / "train_log.jsonl"),
-                            mlflow_run={"uri": study.tracking_uri, "experiment_id": study.experiment_id,
-                                        "study": study.name, "trial": name, "run_id": run_id},
+                            mlflow_run={"experiment_id": study.experiment_id, "study": study.name, "trial": name,
+                                        "run_id": run_id, "queue": study.queue},
                             storage_path=study.train_storage)
     try:
         trainer.fit()

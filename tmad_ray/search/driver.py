@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmad_ray import tracking
+from tmad_ray import tracking, tracking_queue
 from tmad_ray.errors import UserError
 from tmad_ray.search import confirm, mlflow_runs, state
 from tmad_ray.search.results import objective_modes, pareto_front, pareto_table, results_table, rows_csv, trial_rows
@@ -129,7 +129,8 @@ def build_tuner(cfg, study: StudyContext, max_concurrent: int, resume_path: str 
                                         max_concurrent_trials=max_concurrent),
         run_config=ray.tune.RunConfig(name=study.name, storage_path=cfg.storage.ray_results,
                                       failure_config=ray.tune.FailureConfig(max_failures=1), verbose=1,
-                                      progress_reporter=progress_reporter(cfg)),
+                                      progress_reporter=progress_reporter(cfg),
+                                      callbacks=[tracking_queue.watch(study.name)]),
     )
 
 
@@ -166,16 +167,24 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
         client = tracking.client(uri)
         exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
         parent = open_parent_run(cfg, client, results, name, resuming, uri, exp_id, say)
-        return _run(cfg, manifest, report, resources, name, resuming, results, client, uri, exp_id, parent, say)
+        queue = tracking_queue.start(uri, name)  # the trials' MLflow writes, off their training path
+        try:
+            return _run(cfg, manifest, report, resources, name, resuming, results, client, uri, exp_id, parent,
+                        queue, say)
+        finally:
+            import ray
+
+            ray.kill(queue)
     finally:
         state.release_lock(results, name)
 
 
-def _run(cfg, manifest, report, resources, name, resuming, results, client, uri, exp_id, parent, say) -> StudyOutcome:
-    """``run_study`` once the study holds its lock and its MLflow parent run is open."""
+def _run(cfg, manifest, report, resources, name, resuming, results, client, uri, exp_id, parent, queue,
+         say) -> StudyOutcome:
+    """``run_study`` once the study holds its lock, its MLflow parent run is open and its queue runs."""
     exp_dir, out_dir = results.uri(name), Path(cfg.storage.output_dir) / name
     study = StudyContext(name, cfg.model_dump(), manifest, report, uri, exp_id, parent, str(out_dir / "trials"),
-                         results.uri(name, "train"))
+                         results.uri(name, "train"), queue)
     k = concurrent_trials(cfg, resources)
     say(f"study {name}: {cfg.search.num_samples} trials, up to {k} at a time "
         f"({cfg.train.num_workers} DDP workers each); Ray results in {exp_dir}")
@@ -195,6 +204,7 @@ def _run(cfg, manifest, report, resources, name, resuming, results, client, uri,
         outcome = finish_study(client, cfg, grid, name, parent, uri, out_dir, manifest, study, k, say)
         outcome.experiment_id = exp_id
     except KeyboardInterrupt:  # Tune's interrupt, or a second Ctrl-C while it was saving
+        tracking_queue.drain(queue, timeout_s=30, say=say)
         done = end_interrupted(client, cfg, name, parent, grid, exp_dir)
         raise StudyInterrupted(
             f"study {name} interrupted: {done} of {cfg.search.num_samples} trials finished; nothing was exported "
@@ -265,6 +275,8 @@ def finish_study(client, cfg, grid, name: str, parent: str, uri: str, out_dir: P
         confirmed = confirm.confirm_top(cfg, rows, study, client, concurrent, say)
         if confirmed is not None:
             best, export_run = confirmed
+    if study is not None and study.queue is not None:  # every trial's writes are in before its run is closed
+        tracking_queue.drain(study.queue, say=say)
     front = pareto_front(rows, objectives, modes) if len(objectives) > 1 else []
     log_results(client, cfg, parent, rows, front, out_dir)
     student_dir, version = None, None

@@ -1,14 +1,13 @@
 """One trial of a study: a Tune function trainable that trains the sampled recipe on Ray Train.
 
-``trial_fn`` runs in the trial's own process (one CPU, ``TRIAL_CPU``): it opens the trial's MLflow
-child run in a thread (``ChildRun``) while it builds a ``TorchTrainer`` for the recipe and fits it
-(Ray Train V2 refuses ``Tuner(TorchTrainer)``); ``TuneReportCallback`` forwards each epoch's
-report to Tune. How a trial ended is decided by the driver from Tune's results, not here.
+``trial_fn`` runs in the trial's own process (one CPU, ``TRIAL_CPU``): it asks the study's MLflow
+queue to open the trial's child run, builds a ``TorchTrainer`` for the recipe and fits it (Ray
+Train V2 refuses ``Tuner(TorchTrainer)``); ``TuneReportCallback`` forwards each epoch's report to
+Tune. How a trial ended is decided by the driver from Tune's results, not here.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ class StudyContext:
     parent_run_id: str
     trials_dir: str           # <output_dir>/<study>/trials: each trial's train_log.jsonl
     train_storage: str        # Ray Train's storage_path for the trials' runs (local or a URI)
+    queue: object = None      # the study's MLflow queue (``tmad_ray.tracking_queue``), an actor handle
 
 
 def trial_fn(params: dict, study: StudyContext) -> None:
@@ -46,50 +46,30 @@ def trial_fn(params: dict, study: StudyContext) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = apply_params(config_from_dict(study.cfg), params)
-    # The child run is opened beside Ray Train's start (importing MLflow and opening its store take
-    # ~2.5 s here); rank 0 finds it by its tags when it first logs.
-    opening = ChildRun(study, trial_id, params, cfg)
-    opening.start()
+    # The child run is opened by the study's MLflow queue, in its own process, while Ray Train starts:
+    # a slow or absent tracking server delays the run's records, not the trial.
+    ray.wait([study.queue.open_child.remote(
+        study.experiment_id, study.parent_run_id, study.name, trial_id, tracking.trial_run_name(params),
+        trial_description(params, study.name, trial_id), params.get("trial_number"), child_params(params, cfg))],
+        timeout=10)
     trial_dir = Path(study.trials_dir) / trial_id
     trainer = build_trainer(cfg, study.manifest, study.report, name=trial_id,
                             callbacks=[TuneReportCallback()], log_path=str(trial_dir / "train_log.jsonl"),
-                            mlflow_run={"uri": study.tracking_uri, "experiment_id": study.experiment_id,
-                                        "study": study.name, "trial": trial_id},
+                            mlflow_run={"experiment_id": study.experiment_id, "study": study.name, "trial": trial_id,
+                                        "queue": study.queue},
                             storage_path=study.train_storage, started_at=started_at, fit_at=time.time())
     # Tune kills the trial as soon as its last epoch is reported (ASHA stops at max_t too), and fit()
     # may raise while the trial's process shuts down, so neither an exception here nor code after fit()
     # says how the trial ended: the driver closes the child runs from Tune's results at the end.
-    try:
-        trainer.fit()
-    finally:
-        opening.join()
-    if opening.error is not None:
-        raise opening.error
+    trainer.fit()
 
 
-class ChildRun(threading.Thread):
-    """Opens a trial's MLflow child run (or reopens a restarted trial's) and logs its params, in a
-    thread of the trial function; ``error`` holds what went wrong."""
-
-    def __init__(self, study: StudyContext, trial_id: str, params: dict, cfg):
-        super().__init__(name=f"mlflow-child-{trial_id}", daemon=True)
-        self.study, self.trial_id, self.params, self.cfg = study, trial_id, params, cfg
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        study, params = self.study, self.params
-        try:
-            client = tracking.client(study.tracking_uri)
-            run_id = tracking.open_child(client, study.experiment_id, study.parent_run_id, study.name,
-                                         self.trial_id, tracking.trial_run_name(params),
-                                         trial_description(params, study.name, self.trial_id),
-                                         trial_number=params.get("trial_number"))
-            logged = {**{k: params[k] for k in sorted(params)}, **fixed_params(self.cfg)}
-            if "align_layers" in logged:
-                logged["align_layers"] = tracking.layers_param(logged["align_layers"])
-            tracking.log_params(client, run_id, logged)
-        except BaseException as e:  # noqa: BLE001 (re-raised by the trial function)
-            self.error = e
+def child_params(params: dict, cfg) -> dict:
+    """What a trial's child run logs as params: the sampled recipe, then what the search does not sample."""
+    logged = {**{k: params[k] for k in sorted(params)}, **fixed_params(cfg)}
+    if "align_layers" in logged:
+        logged["align_layers"] = tracking.layers_param(logged["align_layers"])
+    return logged
 
 
 def trial_description(params: dict, study: str, trial_id: str) -> str:

@@ -2,8 +2,8 @@
 
 Setup (``setup_worker``: models, DDP, optimizer, data, resume) -> per epoch: train, evaluate,
 report -> done. Every rank calls ``ray.train.report`` each epoch (it is a barrier); rank 0 alone
-attaches the checkpoint, writes the log and logs to MLflow. Metrics are all-reduced before
-reporting, because only rank 0's reach Tune.
+attaches the checkpoint, writes the log and hands the epoch to the study's MLflow queue. Metrics
+are all-reduced before reporting, because only rank 0's reach Tune.
 """
 
 from __future__ import annotations
@@ -90,18 +90,14 @@ def best_so_far(cfg, metrics: dict, best: dict) -> dict:
 
 def report(w: Worker, epoch: int, metrics: dict, mlflow_run: dict | None, header: bool) -> None:
     """The epoch's metrics to the run's log, the screen (outside a study: Tune's table shows a study's
-    epochs), MLflow (rank 0, in a study) and Ray Train, with rank 0's checkpoint attached."""
+    epochs), the study's MLflow queue (rank 0) and Ray Train, with rank 0's checkpoint attached."""
     import ray.train
 
     w.run_log.write(event="epoch_end", **{k: v for k, v in metrics.items() if k != "val_confusion"})
     if w.rank == 0 and not mlflow_run:
         print(epoch_row(metrics, header=header), flush=True)
     if mlflow_run:
-        from tmad_ray import tracking
-
-        client = tracking.client(mlflow_run["uri"])
-        mlflow_run["run_id"] = tracking.trial_run_id(client, mlflow_run)  # looked up once, by its tags
-        tracking.log_epoch(client, mlflow_run["run_id"], metrics, w.labels)
+        to_mlflow(mlflow_run, "log_epoch", metrics, w.labels, int(time.time() * 1000))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if w.rank == 0:
@@ -122,11 +118,19 @@ def stop_non_finite(w: Worker, epoch: int, metrics: dict, mlflow_run: dict | Non
     if w.rank == 0:
         print(why, flush=True)
         if mlflow_run:
-            from tmad_ray import tracking
-
-            client = tracking.client(mlflow_run["uri"])
-            client.set_tag(tracking.trial_run_id(client, mlflow_run), "non_finite_loss", why)
+            to_mlflow(mlflow_run, "set_tag", "non_finite_loss", why)
     ray.train.report({**metrics, "non_finite_loss": epoch})
+
+
+def to_mlflow(mlflow_run: dict, method: str, *args) -> None:
+    """One write for the trial's MLflow run, handed to the study's queue (``tmad_ray.tracking_queue``),
+    which writes it from its own process: an MLflow outage delays tracking, never training. Handed over
+    before the epoch's report, because Tune may end the trial's processes as soon as it has the last
+    one; the wait is for the queue to take it (milliseconds), not for MLflow."""
+    import ray
+
+    run = {k: v for k, v in mlflow_run.items() if k != "queue"}
+    ray.wait([getattr(mlflow_run["queue"], method).remote(run, *args)], timeout=10)
 
 
 def _quiet_report_log() -> None:
