@@ -158,3 +158,34 @@ def test_a_run_whose_loss_is_not_finite_stops_at_once_and_exports_nothing(synth_
     assert stop < 3 and not [e for e in events if e["event"] == "epoch_start" and e["epoch"] > stop]  # at once
     # one step per epoch here: the first step's loss is finite, the weights it leaves are not
     assert not (tmp_path / "out" / "diverged" / "best_student").exists()
+
+
+@pytest.fixture
+def small_volume(tmp_path):
+    """A 1.2 MB tmpfs: room for one smoke checkpoint (~0.75 MB), not two. Needs mount (root)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_checkpoint_that_fills_the_volume_is_removed_and_the_error_names_it(synth_root, smoke_zoo, tmp_path,
+                                                                              ray_local, capsys, small_volume):
+    from tmad_ray.cli import main
+
+    overrides = [f"data.root={synth_root}", "data.synthetic=null", f"storage.clip_cache={tmp_path / 'clips'}",
+                 f"storage.output_dir={tmp_path / 'out'}", f"storage.ray_results={small_volume}", *smoke_zoo,
+                 "train.epochs=3", "train.max_failures=0"]
+    rc = main(["train", "--config", str(REPO / "experiments" / "smoke.yaml"), "--name", "full", *overrides])
+    out, err = capsys.readouterr()
+    assert rc == 2, out[-2000:] + err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write ") and "the volume is full" in line and str(small_volume) in line, line
+    events = [json.loads(line) for line in (tmp_path / "out" / "full" / "train_log.jsonl").open()]
+    assert [e for e in events if e["event"] == "partial_checkpoint_removed"]
+    # what is left on the volume is whole: the first epoch's checkpoint, no half of the second
+    checkpoints = sorted(p for p in small_volume.rglob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "state.pt").stat().st_size > 100_000, checkpoints

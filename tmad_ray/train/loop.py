@@ -98,12 +98,34 @@ def report(w: Worker, epoch: int, metrics: dict, mlflow_run: dict | None, header
         print(epoch_row(metrics, header=header), flush=True)
     if mlflow_run:
         to_mlflow(mlflow_run, "log_epoch", metrics, w.labels, int(time.time() * 1000))
+    storage = ray.train.get_context().get_storage()
+    name = storage.make_default_checkpoint_dir_name()  # every rank's report takes rank 0's name
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if w.rank == 0:
             save_checkpoint(w, epoch, metrics, tmp)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
+        try:
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+        except OSError as e:  # a full or read-only volume mid-copy: no half checkpoint is left to fill it
+            if ckpt is None:
+                raise
+            path = remove_partial_checkpoint(storage, name, w)
+            if e.filename is None:  # pyarrow's errors name no file: the user needs to know which volume
+                raise OSError(e.errno, e.strerror or str(e), path) from e
+            raise
+
+
+def remove_partial_checkpoint(storage, name: str, w: Worker) -> str:
+    """Delete the checkpoint directory ``name`` that Ray Train could not write completely (it is not
+    registered, so nothing refers to it; left there, it would keep the volume full); returns its path."""
+    path = storage.build_checkpoint_path_from_name(name)
+    try:
+        storage.storage_filesystem.delete_dir(path)
+        w.run_log.write(event="partial_checkpoint_removed", path=path)
+    except OSError as e:  # already gone, or the volume refuses even that: the report's error says why
+        w.run_log.write(event="partial_checkpoint_left", path=path, why=str(e)[:200])
+    return path
 
 
 def stop_non_finite(w: Worker, epoch: int, metrics: dict, mlflow_run: dict | None) -> None:
