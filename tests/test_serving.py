@@ -1,6 +1,7 @@
 """The registered student is an MLflow model: it loads with mlflow.pyfunc, classifies videos given as
 paths, says what it is on its registry page, and `mlflow models serve` answers on loopback."""
 
+import base64
 import json
 import os
 import signal
@@ -96,12 +97,50 @@ def test_pyfunc_classifies_paths_and_a_dataframe_of_paths(registry, monkeypatch)
     assert not list(local.rglob("*.pkl")) and (local / "code" / "tmad_ray" / "serving.py").is_file()
 
 
+def data_uri(path, mime="video/mp4") -> str:
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def test_served_the_model_reads_paths_only_under_the_operators_roots_and_takes_bytes(registry, monkeypatch, tmp_path):
+    import mlflow
+
+    from tmad_ray import serving
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{registry['name']}@champion")
+    good = videos(registry, n=1)[0]
+    own = model.predict([good])  # in the user's own process: any path, as before
+    assert own["error"][0] is None and own["label"][0] in {"A", "B1", "B2", "G"}
+    monkeypatch.setenv(serving.SERVED_ENV, "true")  # what `mlflow models serve` sets
+    root = tmp_path / "allowed"
+    root.mkdir()
+    (root / "v.mp4").write_bytes(Path(good).read_bytes())
+    (root / "escape.mp4").symlink_to("/etc/hostname")
+    hls = "data:application/vnd.apple.mpegurl;base64," + base64.b64encode(
+        b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n").decode()
+    truncated = "data:video/mp4;base64," + base64.b64encode(Path(good).read_bytes()[:600]).decode()
+    # no roots configured: every path refused with one message, whether it exists or not
+    out = model.predict([good, "/etc/shadow", "/nowhere/missing.mp4", str(root / "escape.mp4")])
+    assert list(out["error"]) == [serving.REFUSED] * 4 and out["label"].isna().all()
+    monkeypatch.setenv(serving.SERVE_ROOTS_ENV, str(root))
+    out = model.predict([str(root / "v.mp4"), good, "/etc/shadow", str(root / "escape.mp4"), str(root / "../x"),
+                         data_uri(good), hls, truncated, "data:video/mp4;base64,@@@"])
+    assert out["label"][0] == own["label"][0] and out["score"][0] == pytest.approx(own["score"][0], abs=1e-6)
+    assert list(out["error"][1:5]) == [serving.REFUSED] * 4  # outside, missing, a symlink out, ..
+    assert out["label"][5] == own["label"][0] and out["path"][5].startswith("data:video/mp4;base64 (")
+    assert "not a video container" in out["error"][6]
+    assert out["error"][7] and "/" not in out["error"][7] and "tmad-serve" not in out["error"][7]
+    assert "not valid base64" in out["error"][8]
+    assert out["score"][1] is None  # null in the server's JSON, not NaN
+
+
 @pytest.mark.integration
 def test_mlflow_models_serve_answers_on_loopback(registry):
     from mlflow_browser import free_port
 
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "PATH": f"{BIN}:{os.environ['PATH']}",
+           "TMAD_RAY_SERVE_ROOTS": str(registry["root"])}
     log = open(registry["tmp"] / "serve.log", "w")
     proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{registry['name']}@champion",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
@@ -120,12 +159,18 @@ def test_mlflow_models_serve_answers_on_loopback(registry):
         def post(body: dict) -> list[dict]:
             req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
-            return json.loads(urllib.request.urlopen(req, timeout=60).read())["predictions"]
+            text = urllib.request.urlopen(req, timeout=60).read()
+            return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the server's JSON"))["predictions"]
 
         listed = post({"inputs": paths})
         records = post({"dataframe_records": [{"path": p} for p in paths]})
         assert [r["path"] for r in listed] == paths and [r["label"] for r in listed] == [r["label"] for r in records]
         assert all(r["label"] in {"A", "B1", "B2", "G"} and r["error"] is None for r in listed)
+        # the bytes instead of a path; paths outside TMAD_RAY_SERVE_ROOTS refused alike, existing or not
+        mixed = post({"inputs": [data_uri(paths[0]), "/etc/shadow", "/nowhere/missing.mp4", paths[1]]})
+        assert mixed[0]["label"] == listed[0]["label"] and mixed[3]["label"] == listed[1]["label"]
+        assert mixed[1]["error"] == mixed[2]["error"] and "not read by this server" in mixed[1]["error"]
+        assert mixed[1]["score"] is None and mixed[1]["label"] is None
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
