@@ -103,7 +103,7 @@ def test_the_startup_floor_bench_times_empty_ray_train_trials(tmp_path):
     from tmad_ray.bench.startup import run_startup_bench
 
     r = run_startup_bench(str(tmp_path / "startup.json"), trials=1, variants=["health_check_0.5s_1_worker"],
-                          say=lambda *a: None)
+                          say=lambda *a: None, import_repeats=1)
     v = r["variants"]["health_check_0.5s_1_worker"]
     assert len(v["to_loop_s"]) == 1 and 0 < v["to_loop_median_s"] < v["trial_wall_s"]
     assert set(r["imports_s"]) == {"torch", "ray.train.torch", "transformers VideoMAE", "mlflow"}

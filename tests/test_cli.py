@@ -36,15 +36,19 @@ def test_config_errors_stop_before_anything_runs(tmp_path):
 
 
 @pytest.mark.integration
-def test_tune_py_builds_what_is_missing_and_searches(tmp_path):
-    """From nothing: the dataset and the toy zoo are made in the working directory, then one trial runs."""
+def test_tune_py_builds_what_is_missing_and_searches(tmp_path, ray_local):
+    """From nothing: the dataset and the toy zoo are made in the working directory, then two trials run,
+    one after the other, beside another Ray on the machine (this module's). With two Rays, Ray Train's
+    placement-group cleaner must still find its own cluster; otherwise the trial Tune stops at max_t
+    keeps its CPUs and the next trial waits forever."""
     args = [str(REPO / "tune.py"), "--config", str(REPO / "experiments" / "smoke.yaml"), f"data.root={tmp_path / 'ds'}",
             f"storage.clip_cache={tmp_path / 'clips'}", f"storage.output_dir={tmp_path / 'out'}",
-            f"storage.ray_results={tmp_path / 'ray'}", "search.num_samples=1", "train.epochs=1"]
+            f"storage.ray_results={tmp_path / 'ray'}", "search.num_samples=2", "train.epochs=1"]
     first = run(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.stdout.count("| COMPLETED |") == 2
     assert "clips     16 videos decoded, 0 reused, 0 bad" in first.stdout
-    assert "search    1 trials, TPE" in first.stdout
+    assert "search    2 trials, TPE" in first.stdout
     # The toy zoo was trained into the working directory and every model came through its loader.
     assert (tmp_path / "zoo_smoke" / "zoo.json").is_file()
     assert "teacher   VideoMAEForVideoClassification: 4 blocks x 128 wide" in first.stdout
@@ -54,7 +58,7 @@ def test_tune_py_builds_what_is_missing_and_searches(tmp_path):
     assert (report["videos"], report["decoded"], report["bad"]) == (16, 16, 0)
     assert "| trial | alpha | beta | gamma | delta | T | layers | best val_accuracy | epochs | status |" in first.stdout
     assert "best student: " in first.stdout and f"sqlite:///{tmp_path}/mlflow.db" in first.stdout
-    assert "trial start-up (median of 1): " in first.stdout and " s Ray Train start " in first.stdout
+    assert "trial start-up (median of 2): " in first.stdout and " s Ray Train start " in first.stdout
 
 
 @pytest.mark.integration

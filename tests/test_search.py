@@ -328,17 +328,6 @@ def test_nsga2_search_over_student_depth_gives_a_pareto_front(synth_root, smoke_
     assert {"pareto.md", "pareto.png"} <= {a.path for a in c.list_artifacts(parents[0].info.run_id)}
 
 
-def test_a_study_beside_another_ray_gets_its_stopped_trials_resources_back(synth_root, smoke_zoo, tmp_path, ray_local):
-    """With two Rays on the machine (here: this module's), Ray Train's placement-group cleaner must
-    still find its own cluster; otherwise the trial Tune stops at max_t keeps its CPUs and the next
-    trial waits forever."""
-    args = [sys.executable, str(REPO / "tune.py"), "--config", str(REPO / "experiments" / "smoke.yaml"),
-            *study_overrides(tmp_path, synth_root, smoke_zoo, "search.num_samples=2", "train.epochs=1")]
-    r = subprocess.run(args, cwd=tmp_path, env=env(RAY_ADDRESS=""), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("| COMPLETED |") == 2
-
-
 def test_a_study_confirms_its_best_recipes_on_more_seeds_and_exports_the_best_mean(synth_root, smoke_zoo, tmp_path,
                                                                                    ray_local, capsys, monkeypatch):
     from statistics import mean

@@ -101,7 +101,7 @@ class TrackingQueue:
         self.wake.set()
 
     def _drain(self) -> None:
-        client, tries = tracking.client(self.uri), 0
+        client, tries = None, 0
         while True:
             with self.lock:
                 item = self.items[0] if self.items else None
@@ -109,7 +109,9 @@ class TrackingQueue:
                 self.wake.wait(1.0)
                 self.wake.clear()
                 continue
+            refused = None
             try:
+                client = client or tracking.client(self.uri)  # made here: a store that cannot open is retried too
                 self._write(client, *item)
             except Exception as e:  # noqa: BLE001 (an outage waits; a refused write is said and dropped)
                 if unreachable(e):
@@ -119,13 +121,15 @@ class TrackingQueue:
                     self.wake.clear()
                     tries += 1
                     continue
-                with self.lock:
-                    self.errors.append(f"{item[0]} for {self._whose(item)}: "
-                                       f"{tracking.redact(str(e).splitlines()[0] if str(e) else repr(e))[:300]}")
+                why = str(e).splitlines()[0] if str(e) else repr(e)
+                refused = f"{item[0]} for {self._whose(item)}: {tracking.redact(why)[:300]}"
             with self.lock:
                 self.items.popleft()
-                self.delivered += 1
-                if self.down_since is not None:
+                if refused:
+                    self.errors.append(refused)
+                else:
+                    self.delivered += 1
+                if self.down_since is not None:  # the store answered: the outage is over
                     self.outages.append((self.down_since, time.time()))
                     self.down_since = None
             tries = 0

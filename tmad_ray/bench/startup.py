@@ -86,7 +86,8 @@ def import_seconds(statement: str, repeats: int = 3) -> float:
     return statistics.median(once(statement) for _ in range(repeats)) - bare
 
 
-def run_startup_bench(out: str, trials: int = 4, variants: list[str] | None = None, say=print) -> dict:
+def run_startup_bench(out: str, trials: int = 4, variants: list[str] | None = None, say=print,
+                      import_repeats: int = 3) -> dict:
     results = {}
     for name in variants or list(VARIANTS):
         r = subprocess.run([sys.executable, "-m", "tmad_ray.bench.startup", name, str(trials)], capture_output=True,
@@ -96,7 +97,7 @@ def run_startup_bench(out: str, trials: int = 4, variants: list[str] | None = No
         results[name] = json.loads(r.stdout.strip().splitlines()[-1])
         say(f"  {name}: Ray Train fit -> loop {results[name]['to_loop_median_s']:.1f} s (median), "
             f"{results[name]['trial_wall_s']:.1f} s a trial")
-    imports = {k: import_seconds(v) for k, v in IMPORTS.items()}
+    imports = {k: import_seconds(v, import_repeats) for k, v in IMPORTS.items()}
     result = {"benchmark": "startup", "trials_per_variant": trials, "variants": results, "imports_s": imports,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
     return write_result(result, out, format_table(result))
