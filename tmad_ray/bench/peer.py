@@ -255,6 +255,8 @@ def run_peer_bench(cfg, out: str, seeds: list[int], say=print) -> dict:
     for seed in seeds:
         scfg = cfg.model_copy(deep=True)
         scfg.search.seed, scfg.train.seed = seed, seed
+        # the same recipes on both sides: TPE's from the seed (the HF pipeline has no enqueued first points)
+        scfg.search.points_to_evaluate = []
         torch.set_num_threads(os.cpu_count() or threads)
         hf = run_hf_trainer(scfg, say)
         torch.set_num_threads(threads)
