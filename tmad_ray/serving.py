@@ -11,7 +11,7 @@ Output: one row per video with ``label``, ``score`` (the label's probability), `
 (JSON, label -> probability) and ``error`` (why a video could not be read; its label and score are
 then null, never NaN, so the server's JSON stays strict). One bad video never fails the batch.
 
-Served over HTTP (``mlflow models serve``, which sets ``_MLFLOW_IS_IN_SERVING_ENVIRONMENT``), the
+Served over HTTP (``mlflow models serve``: see ``served``), the
 model takes a client's path only under the folders the operator lists in ``TMAD_RAY_SERVE_ROOTS``
 (``os.pathsep``-separated); every other path gets the same refusal, whether or not it exists, so a
 client learns nothing of the server's files. Videos sent as bytes must be a container we decode
@@ -80,7 +80,11 @@ def video_paths(model_input) -> list[str]:
 
 
 def served() -> bool:
-    return os.environ.get(SERVED_ENV, "").lower() == "true"
+    """Whether MLflow's scoring server runs this model: its flag, or its app module loaded (so that a
+    renamed flag in a later MLflow still leaves paths closed, not open)."""
+    import sys
+
+    return os.environ.get(SERVED_ENV, "").lower() == "true" or "mlflow.pyfunc.scoring_server.app" in sys.modules
 
 
 def classify_input(model, spec, labels: list[str], item: str) -> dict:
