@@ -100,6 +100,12 @@ def test_bench_peer_runs_both_pipelines_on_one_seed(synth_root, smoke_zoo, pretr
     assert run["hf_trainer"]["curve"] and run["tmad_ray"]["curve"]
     # TPE's start-up trials are random draws of the same seeded sampler on both sides: the same recipes
     assert r["summary"]["recipe_parity"]["pairs"] >= 1
+    # and each HF trial trained its own recipe: the model was built with the trial's sampled values
+    hf = run["hf_trainer"]
+    built = [b for b in hf["built_with"] if b]  # (the last build, of the chosen student, has no trial)
+    assert [{k: b[k] for k in ("alpha", "beta", "temperature")} for b in built] == \
+        [{k: t["params"][k] for k in ("alpha", "beta", "temperature")} for t in hf["trials"]]
+    assert len({b["alpha"] for b in built}) == len(built) == 2
     assert (tmp_path / "peer.png").exists() and saved["seeds_planned"] == [0]
     # the Ray it started and stopped leaves no State API address behind for the next local Ray's cleaner
     assert "RAY_API_SERVER_ADDRESS" not in os.environ

@@ -76,6 +76,7 @@ class Recorder:
 
     def __init__(self, t0: float):
         self.t0, self.points, self.trials, self.best, self.best_state = t0, [], {}, -1.0, None
+        self.built: list[dict] = []  # the recipe each model was built with (model_init), in order
 
     def add(self, trial: int, params: dict, acc: float, student) -> None:
         self.points.append((time.time() - self.t0, acc))
@@ -116,7 +117,12 @@ def run_hf_trainer(cfg, say=print) -> dict:
         return {}  # the recipe reaches the model through model_init, not TrainingArguments
 
     def model_init(trial=None):
-        params = trial.params if trial is not None else {}
+        # transformers 5 builds the trial's model before it calls hp_space: sample the recipe here
+        # (Optuna returns the same values when hp_space asks again), or every trial trains the config's
+        if trial is not None:
+            define_space(bounds, trial)
+        params = dict(trial.params) if trial is not None else {}
+        rec.built.append(params)
         run_cfg = apply_params(cfg, params)  # the Trainer seeds (args.seed) before it calls model_init
         models = load_models(run_cfg, labels, ("student", "teacher", "assistant"))
         return TriModel(models["student"], models["teacher"], models["assistant"], run_cfg.distill, labels)
@@ -164,7 +170,7 @@ def run_hf_trainer(cfg, say=print) -> dict:
         f"test {test:.3f}; {sum(x['epochs'] for x in trials)} epochs in all; Optuna's best run #{best_run.run_id}")
     return {"seconds": seconds, "epochs": sorted(rec.points), "curve": best_so_far(rec.points),
             "best_val_accuracy": rec.best, "chosen": chosen, "test_accuracy": test,
-            "epochs_trained": sum(x["epochs"] for x in trials), "trials": trials}
+            "epochs_trained": sum(x["epochs"] for x in trials), "trials": trials, "built_with": rec.built}
 
 
 def same_recipe(a: dict, b: dict) -> bool:
