@@ -141,3 +141,16 @@ def test_the_queue_writes_in_order_and_drops_only_what_mlflow_refuses(tmp_path):
     child = q.runs["t1"]
     assert [(m.step, m.value) for m in client.get_metric_history(child, "val_accuracy")] == [(1, 0.5), (2, 0.75)]
     assert client.get_run(child).data.params["alpha"] == "1.0"
+
+
+def test_a_dead_queue_does_not_end_the_study_it_says_what_was_lost(ray_local):
+    """The driver drains the queue before it closes the runs: a queue actor that died (OOM, a killed
+    process) is said in one line, and the study's end goes on."""
+    import ray
+
+    q = tracking_queue.start("sqlite:////nonexistent/mlflow.db", "dead-queue-test")
+    ray.get(q.status.remote())
+    ray.kill(q)
+    said = []
+    st = tracking_queue.drain(q, timeout_s=1, say=said.append)
+    assert st["lost"] and len(said) == 1 and "the study's queue died" in said[0]

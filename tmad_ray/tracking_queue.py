@@ -183,14 +183,19 @@ def drain(queue, timeout_s: float = FLUSH_TIMEOUT_S, say=print) -> dict:
     driver's last step before it closes the study's runs."""
     import ray
 
-    st = ray.get(queue.flush.remote(0.0))
-    if st["queued"]:
+    try:
+        st = ray.get(queue.flush.remote(0.0))
+        if st["queued"]:
+            for line in ray.get(queue.news.remote()):
+                say(line)
+            say(f"MLflow: writing the last {st['queued']} queued writes to {st['uri']} (up to {timeout_s:.0f} s)")
+            st = ray.get(queue.flush.remote(timeout_s))
         for line in ray.get(queue.news.remote()):
             say(line)
-        say(f"MLflow: writing the last {st['queued']} queued writes to {st['uri']} (up to {timeout_s:.0f} s)")
-        st = ray.get(queue.flush.remote(timeout_s))
-    for line in ray.get(queue.news.remote()):
-        say(line)
+    except ray.exceptions.RayActorError as e:  # the study ends as it would have; its lost writes are said
+        say(f"MLflow: the study's queue died ({str(e).splitlines()[0][:160]}); the writes it held are lost, "
+            "each trial's train_log.jsonl under storage.output_dir has every epoch")
+        return {"queued": 0, "dropped": 0, "errors": [], "lost": True}
     if st["queued"] or st["dropped"]:
         say(f"MLflow: {st['queued']} writes could not be delivered to {st['uri']} and {st['dropped']} were dropped "
             "(the queue was full); each trial's train_log.jsonl under storage.output_dir has every epoch")
