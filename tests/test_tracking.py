@@ -21,10 +21,7 @@ def test_tracking_uri_from_config_environment_or_default(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri(explicit) == f"sqlite:///{tmp_path}/x.db"
 
 
-def test_rank_0_finds_the_child_run_the_trial_opens_beside_it(tmp_path, monkeypatch):
-    import threading
-    import time
-
+def test_a_trials_run_is_found_by_its_tags_within_its_study(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/m.db"
     client = tracking.client(uri)
@@ -32,18 +29,10 @@ def test_rank_0_finds_the_child_run_the_trial_opens_beside_it(tmp_path, monkeypa
     parent = tracking.open_parent(client, exp, "study-1")
     tracking.open_child(client, exp, parent, "study-0", "t1", "trial_1")  # the same trial id in another study
     assert tracking.trial_run_id(client, {"run_id": "abc"}) == "abc"
-    opened = {}
-
-    def open_later():
-        time.sleep(1.0)
-        opened["id"] = tracking.open_child(tracking.client(uri), exp, parent, "study-1", "t1", "trial_1")
-    thread = threading.Thread(target=open_later)
-    thread.start()
-    found = tracking.trial_run_id(client, {"experiment_id": exp, "study": "study-1", "trial": "t1"}, timeout_s=30)
-    thread.join()
-    assert found == opened["id"]
-    with pytest.raises(tracking.TrackingError, match="did not appear in 1 s"):
-        tracking.trial_run_id(client, {"experiment_id": exp, "study": "study-1", "trial": "t9"}, timeout_s=1)
+    opened = tracking.open_child(client, exp, parent, "study-1", "t1", "trial_1")
+    assert tracking.trial_run_id(client, {"experiment_id": exp, "study": "study-1", "trial": "t1"}) == opened
+    with pytest.raises(tracking.TrackingError, match="no MLflow run tagged"):
+        tracking.trial_run_id(client, {"experiment_id": exp, "study": "study-1", "trial": "t9"})
 
 
 def test_parent_and_child_runs_are_found_again(tmp_path, monkeypatch):

@@ -1,9 +1,10 @@
 """MLflow: one parent run per study, one child run per trial, logged by run id with ``MlflowClient``.
 
-The driver opens the parent run (``--resume`` reopens it, by the id kept beside Tune's state); each
-trial driver opens its child run (tag ``mlflow.parentRunId``, found again by ``tmad.trial_id`` when a
-trial restarts; named by ``trial_run_name``: number and recipe); rank 0 of the trial's Train workers
-logs per-epoch metrics and artifacts to that run id. No Ray process uses the fluent
+The driver opens the parent run (``--resume`` reopens it, by the id kept beside Tune's state); the
+study's MLflow queue (``tmad_ray.tracking_queue``) opens each trial's child run (tag
+``mlflow.parentRunId``, found again by ``tmad.trial_id`` when a trial restarts; named by
+``trial_run_name``: number and recipe) and writes the per-epoch metrics and artifacts that rank 0
+of the trial's Train workers hands it. No Ray process uses the fluent
 ``mlflow.start_run`` state, which would leave orphan runs in Ray workers; only the study's driver
 does, once, to log the best student as an MLflow model to its trial's run (``tmad_ray.serving``).
 
@@ -183,22 +184,17 @@ def open_child(client, exp_id: str, parent_id: str, study: str, trial_id: str, r
     return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
 
-def trial_run_id(client, run: dict, timeout_s: float = 120.0) -> str:
+def trial_run_id(client, run: dict) -> str:
     """The id of a trial's child run: ``run["run_id"]`` when known, else the run tagged with
-    ``run["trial"]`` and ``run["study"]`` in ``run["experiment_id"]``, which the trial function opens
-    while Ray Train starts the workers (waited for up to ``timeout_s``)."""
+    ``run["trial"]`` and ``run["study"]`` in ``run["experiment_id"]`` (a study resumed by a new
+    driver, whose trial's run an earlier queue opened)."""
     if run.get("run_id"):
         return run["run_id"]
-    deadline = time.time() + timeout_s
-    while True:
-        found = find_runs(client, run["experiment_id"], **{TRIAL_TAG: run["trial"], STUDY_TAG: run["study"]})
-        if found:
-            return found[0].info.run_id
-        if time.time() > deadline:
-            raise TrackingError(f"trial {run['trial']}: its MLflow run (tags {TRIAL_TAG}={run['trial']}, "
-                                f"{STUDY_TAG}={run['study']}) did not appear in {timeout_s:.0f} s; see the trial's "
-                                "error in Tune's results for why it could not be opened")
-        time.sleep(0.5)
+    found = find_runs(client, run["experiment_id"], **{TRIAL_TAG: run["trial"], STUDY_TAG: run["study"]})
+    if not found:
+        raise TrackingError(f"trial {run['trial']}: no MLflow run tagged {TRIAL_TAG}={run['trial']}, "
+                            f"{STUDY_TAG}={run['study']}; its opening was refused (the driver said why)")
+    return found[0].info.run_id
 
 
 def layers_param(layers: str) -> str:

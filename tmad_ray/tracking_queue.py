@@ -154,7 +154,7 @@ class TrackingQueue:
     def _run_id(self, client, run: dict) -> str:
         """A trial's run id: given (a confirmation run), opened here, or found by its tags (a study
         resumed by a new driver, whose trial was opened by the old queue)."""
-        return run.get("run_id") or self.runs.get(run["trial"]) or tracking.trial_run_id(client, run, timeout_s=0)
+        return self.runs.get(run["trial"]) or tracking.trial_run_id(client, run)
 
     @staticmethod
     def _whose(item: tuple) -> str:
@@ -197,8 +197,9 @@ def drain(queue, timeout_s: float = FLUSH_TIMEOUT_S, say=print) -> dict:
             "each trial's train_log.jsonl under storage.output_dir has every epoch")
         return {"queued": 0, "dropped": 0, "errors": [], "lost": True}
     if st["queued"] or st["dropped"]:
-        say(f"MLflow: {st['queued']} writes could not be delivered to {st['uri']} and {st['dropped']} were dropped "
-            "(the queue was full); each trial's train_log.jsonl under storage.output_dir has every epoch")
+        lost = ([f"{st['queued']} writes could not be delivered to {st['uri']}"] if st["queued"] else []) + \
+            ([f"{st['dropped']} were dropped because the queue was full"] if st["dropped"] else [])
+        say(f"MLflow: {'; '.join(lost)}; each trial's train_log.jsonl under storage.output_dir has every epoch")
     return st
 
 

@@ -183,7 +183,7 @@ def _run(cfg, manifest, report, resources, name, resuming, results, client, uri,
          say) -> StudyOutcome:
     """``run_study`` once the study holds its lock, its MLflow parent run is open and its queue runs."""
     exp_dir, out_dir = results.uri(name), Path(cfg.storage.output_dir) / name
-    study = StudyContext(name, cfg.model_dump(), manifest, report, uri, exp_id, parent, str(out_dir / "trials"),
+    study = StudyContext(name, cfg.model_dump(), manifest, report, exp_id, parent, str(out_dir / "trials"),
                          results.uri(name, "train"), queue)
     k = concurrent_trials(cfg, resources)
     say(f"study {name}: {cfg.search.num_samples} trials, up to {k} at a time "
@@ -275,7 +275,7 @@ def finish_study(client, cfg, grid, name: str, parent: str, uri: str, out_dir: P
         confirmed = confirm.confirm_top(cfg, rows, study, client, concurrent, say)
         if confirmed is not None:
             best, export_run = confirmed
-    if study is not None and study.queue is not None:  # every trial's writes are in before its run is closed
+    if study is not None:  # every trial's writes are in before its run is closed
         tracking_queue.drain(study.queue, say=say)
     front = pareto_front(rows, objectives, modes) if len(objectives) > 1 else []
     log_results(client, cfg, parent, rows, front, out_dir)

@@ -27,12 +27,11 @@ class StudyContext:
     cfg: dict                 # the experiment (``Config.model_dump()``); the trial applies its recipe
     manifest: object          # tmad_ray.data.manifest.Manifest
     report: object            # tmad_ray.data.pipeline.CacheReport: the clip-cache entries
-    tracking_uri: str
     experiment_id: str
     parent_run_id: str
     trials_dir: str           # <output_dir>/<study>/trials: each trial's train_log.jsonl
     train_storage: str        # Ray Train's storage_path for the trials' runs (local or a URI)
-    queue: object = None      # the study's MLflow queue (``tmad_ray.tracking_queue``), an actor handle
+    queue: object             # the study's MLflow queue (``tmad_ray.tracking_queue``), an actor handle
 
 
 def trial_fn(params: dict, study: StudyContext) -> None:

@@ -48,7 +48,7 @@ def train_loop_per_worker(config: dict) -> None:
         # Finished before its driver died: say so again, so that Tune (and the searcher) get its result.
         ray.train.report(state["metrics"])
         return
-    mlflow_run = dict(spec.mlflow) if w.rank == 0 and spec.mlflow else None  # rank 0 logs, nobody else
+    mlflow_run = dict(spec.mlflow) if w.rank == 0 and spec.mlflow else None  # rank 0 hands epochs to MLflow
 
     # ---- loop
     for epoch in range(start + 1, cfg.train.epochs + 1):
