@@ -1,4 +1,4 @@
-"""cluster.yaml passes Ray's own validator and keeps the promises the README makes about it."""
+"""cluster.yaml passes Ray's own validator and keeps the promises docs/cluster.md makes about it."""
 
 import copy
 import subprocess
@@ -93,7 +93,7 @@ def test_workers_get_an_instance_profile_the_readme_says_how_to_create():
     for worker in ("gpu_worker", "cpu_worker"):
         assert types[worker]["node_config"]["IamInstanceProfile"] == {"Name": "tmad-ray-worker"}
     assert "IamInstanceProfile" not in types["head"]["node_config"]  # Ray's default profile (EC2 + S3)
-    readme = (CLUSTER.parent / "README.md").read_text()
+    readme = (CLUSTER.parent / "docs" / "cluster.md").read_text()
     for step in ("aws iam create-role --role-name tmad-ray-worker", "aws iam create-instance-profile "
                  "--instance-profile-name tmad-ray-worker", "aws iam add-role-to-instance-profile",
                  "iam:PassRole"):

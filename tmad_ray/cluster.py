@@ -55,7 +55,7 @@ def local_trials(cfg) -> int:
     least one, at most ``search.max_concurrent_trials`` and the study's size). On a CPU machine a
     trial of one worker per core, several trials at once, finishes a study sooner than one trial of
     DDP workers across the cores: the per-trial start-up (processes, imports, models) of one trial
-    then overlaps the training of another (README, "Where a trial's first seconds go")."""
+    then overlaps the training of another (docs/guide.md, "Where a trial's first seconds go")."""
     t, s = cfg.train, cfg.search
     if t.use_gpu:
         return 1  # a local GPU machine: the trial's workers share its GPUs; no measurement says otherwise

@@ -40,7 +40,7 @@ class SynthConfig(_Strict):
 class DataConfig(_Strict):
     root: str = "data/synth"
     label_mode: Literal["as_is", "first", "binary"] = "as_is"
-    # No val.csv: a seeded, stratified split of train (README, "Data").
+    # No val.csv: a seeded, stratified split of train (docs/guide.md, "Data").
     val_fraction: float = Field(0.2, gt=0, lt=1)
     split_seed: int = 0
     num_frames: int = Field(16, ge=1, le=512)

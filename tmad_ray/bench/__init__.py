@@ -1,4 +1,4 @@
-"""Benchmarks: each writes JSON and prints a table for the README."""
+"""Benchmarks: each writes JSON and prints a table for docs/benchmarks.md."""
 
 import json
 from pathlib import Path

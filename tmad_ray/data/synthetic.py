@@ -19,7 +19,7 @@ G     explosion      one blob is a flash: its radius grows from small to large a
                      (sawtooth, period 5-9 frames)
 ===== ============== ==========================================================================
 
-``make_dataset`` writes ``ROOT/{train,val,test}.csv`` and ``ROOT/videos/*.mp4`` (the layout in the README, "Data"),
+``make_dataset`` writes ``ROOT/{train,val,test}.csv`` and ``ROOT/videos/*.mp4`` (the layout in docs/guide.md, "Data"),
 deterministic from the seed. ``render_video`` is reused by the toy zoo for other motion tasks.
 """
 

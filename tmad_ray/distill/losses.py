@@ -1,6 +1,6 @@
 """The distillation objective as pure functions: tensors in, tensors (or a dict of named terms) out.
 
-``L = α·ce + β·feat + γ·attn + δ·asym`` (the README, "Distillation", gives every term). Shapes: B batch, N tokens, D width,
+``L = α·ce + β·feat + γ·attn + δ·asym`` (docs/guide.md, "Distillation", gives every term). Shapes: B batch, N tokens, D width,
 C classes, H heads, T' × S × S the pooled grid of the relational term.
 
 Every KL here is ``KL(target ‖ student)``: summed over the distribution axis, averaged over every
