@@ -147,3 +147,41 @@ def test_the_kuberay_rayjob_runs_the_same_study():
     assert images == {"CHANGE-ME/tmad-ray:latest"}
     dockerfile = (CLUSTER.parent / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile and "torch==2.13.0" in dockerfile
+
+
+def run_init_command(tmp_path, efs_id: str | None) -> tuple[subprocess.CompletedProcess, str]:
+    """The hosts' EFS command as Ray runs it (one bash -c), the user's edit applied, with stand-ins for
+    sudo, mount, mountpoint and mount.nfs4 that record what they were asked, /mnt/shared under tmp_path."""
+    import os
+    import stat
+
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    for name, body in {"sudo": 'exec "$@"', "mount": f'echo "$@" >> {tmp_path}/mount_args',
+                       "mountpoint": "exit 1", "mount.nfs4": "exit 0", "apt-get": f"echo apt >> {tmp_path}/apt"}.items():
+        (bins / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bins / name).chmod((bins / name).stat().st_mode | stat.S_IEXEC)
+    (command,) = load()["initialization_commands"]
+    if efs_id:
+        command = command.replace("CHANGE-ME", efs_id)
+    command = command.replace("/mnt/shared", str(tmp_path / "shared"))
+    r = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PATH": f"{bins}:{os.environ['PATH']}"})
+    args = (tmp_path / "mount_args").read_text() if (tmp_path / "mount_args").exists() else ""
+    return r, args
+
+
+def test_every_host_mounts_the_named_efs_where_the_containers_see_it(tmp_path):
+    cfg = load()
+    assert "-v /mnt/shared:/mnt/shared" in cfg["docker"]["run_options"]
+    r, args = run_init_command(tmp_path, "fs-0123456789abcdef0")
+    assert r.returncode == 0, r.stderr
+    region = cfg["provider"]["region"]
+    assert f"fs-0123456789abcdef0.efs.{region}.amazonaws.com:/ {tmp_path / 'shared'}" in args
+    assert args.startswith("-t nfs4 -o nfsvers=4.1") and not (tmp_path / "apt").exists()
+    assert (tmp_path / "shared").stat().st_mode & 0o1777 == 0o1777  # the container's user writes there
+
+
+def test_without_an_efs_nothing_is_mounted_and_the_host_still_starts(tmp_path):
+    r, args = run_init_command(tmp_path, None)
+    assert r.returncode == 0 and args == "" and not (tmp_path / "shared").exists()
