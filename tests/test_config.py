@@ -121,3 +121,35 @@ def test_paths_become_absolute_but_uris_do_not(tmp_path, monkeypatch):
     assert cfg.storage.clip_cache == "s3://bucket/clips"
     assert cfg.models.teacher.name == str(tmp_path / "local_teacher")  # an existing dir is a path
     assert cfg.models.student.name == "MCG-NJU/videomae-base"  # anything else stays a hub name
+
+
+def test_in_a_ray_jobs_working_directory_what_the_run_writes_goes_under_tmad_ray_home(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs the driver in Ray's temporary copy of the directory
+    (``<ray temp>/session_*/runtime_resources/...``): outputs, caches, checkpoints, the default MLflow
+    store and the generated dataset and toy zoo would vanish with it. They go under $TMAD_RAY_HOME;
+    inputs shipped with the job (a dataset given by path, the config) stay where they are."""
+    from tmad_ray.tracking import resolve_tracking_uri
+
+    job = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab12"
+    (job / "videos").mkdir(parents=True)
+    home = tmp_path / "home"
+    monkeypatch.setenv("TMAD_RAY_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(job)
+    cfg = load_config(EXPERIMENTS_DIR / "default.yaml")  # relative paths; a generated dataset and toy zoo
+    assert (cfg.storage.output_dir, cfg.storage.clip_cache) == (str(home / "outputs"), str(home / "cache" / "clips"))
+    assert cfg.storage.ray_results.startswith(str(home))
+    assert cfg.data.root == str(home / "data" / "synth")  # generated: written by the run
+    assert cfg.models.toy_zoo.dir == str(home / "zoo")
+    assert (cfg.models.teacher.name, cfg.models.student.name) == (str(home / "zoo" / "teacher"),
+                                                                   str(home / "zoo" / "student"))
+    assert cfg.models.assistant.path == str(home / "zoo" / "assistant.pth")
+    assert cfg.models.assistant.config == str(home / "zoo" / "assistant_config.json")
+    assert resolve_tracking_uri(cfg.tracking) == f"sqlite:///{home / 'mlflow.db'}"
+    shipped = load_config(EXPERIMENTS_DIR / "default.yaml", ["data.root=videos", "data.synthetic=null"])
+    assert shipped.data.root == str(job / "videos")  # read, not written: the job's copy is right
+
+    monkeypatch.chdir(tmp_path)  # anywhere else the working directory is the base, as always
+    cfg = load_config(EXPERIMENTS_DIR / "default.yaml")
+    assert cfg.storage.output_dir == str(tmp_path / "outputs") and cfg.models.toy_zoo.dir == str(tmp_path / "zoo")
+    assert resolve_tracking_uri(cfg.tracking) == f"sqlite:///{tmp_path / 'mlflow.db'}"

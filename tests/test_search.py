@@ -231,12 +231,18 @@ def submitted_study(synth_root, smoke_zoo, pretrained_student, tmp_path_factory)
         env=env(RAY_ADDRESS=""), capture_output=True, text=True, timeout=180)
     try:
         assert start.returncode == 0, start.stderr[-3000:]
-        runtime_env = json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}})
+        # What the study writes is given relative, as a user would: Ray runs the job in its own temporary
+        # copy of the working directory, so those paths must land under $TMAD_RAY_HOME (here tmp_path).
+        runtime_env = json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
+                                               "TMAD_RAY_HOME": str(tmp_path)}})
+        relative = ["storage.clip_cache=clips", "storage.output_dir=out", "storage.ray_results=ray",
+                    "tracking.tracking_uri=sqlite:///mlflow.db"]
         for _ in range(6):
             submit = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
                  str(REPO), "--runtime-env-json", runtime_env, "--", "python", "tune.py", "--config",
-                 "experiments/smoke.yaml", *study_overrides(tmp_path, synth_root, smoke_zoo, *pretrained_student)],
+                 "experiments/smoke.yaml", *study_overrides(tmp_path, synth_root, smoke_zoo, *pretrained_student),
+                 *relative],
                 env=env(RAY_ADDRESS=""), capture_output=True, text=True, timeout=900)
             out = submit.stdout + submit.stderr
             if "No available agent to submit job" not in out:
@@ -252,6 +258,9 @@ def test_ray_job_submit_runs_the_smoke_study_on_a_local_head(submitted_study, sy
     assert rc == 0 and "succeeded" in out, out[-5000:]
     assert "best student:" in out and "mlflow ui --backend-store-uri" in out
     assert "Started a local Ray instance" not in out  # it attached to the head
+    assert f"outputs   {tmp_path / 'out'}; checkpoints {tmp_path / 'ray'}" in out
+    assert f"relative paths of what the study writes are under {tmp_path}, $TMAD_RAY_HOME" in out
+    assert any((tmp_path / "clips").iterdir())
     assert "workflowType=machine_learning" in out and "models:/tmad_ray_student@champion" in out
     # what the user watches: Tune's table with the metric, the best so far and the recipe; no library noise
     assert "best so far" in out and "| layers" in out

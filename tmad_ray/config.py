@@ -37,6 +37,23 @@ def _absolute(p: str | None, base: Path) -> str | None:
     return str((base / os.path.expanduser(p)).resolve())
 
 
+def in_ray_job_copy(cwd: Path) -> bool:
+    """True in the working directory of ``ray job submit --working-dir``: Ray's own copy of it under
+    ``<ray temp>/session_*/runtime_resources/``, which Ray garbage-collects and which a later job
+    with changed files does not reuse."""
+    return "runtime_resources" in cwd.parts
+
+
+def durable_base(cwd: Path) -> Path:
+    """Where relative paths of what a run writes (outputs, caches, checkpoints, the default MLflow
+    store, the generated dataset and toy zoo) are resolved: the working directory, except in a Ray
+    job's temporary copy of it, where ``$TMAD_RAY_HOME`` (default ``~/tmad_ray``) takes its place so
+    that the study's exports, registry and caches outlive the job."""
+    if in_ray_job_copy(cwd):
+        return Path(os.environ.get("TMAD_RAY_HOME") or "~/tmad_ray").expanduser().resolve()
+    return cwd
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node = tree
     parts = dotted.split(".")
@@ -92,19 +109,24 @@ def config_from_dict(tree: dict, source: str = "<dict>", base: Path | None = Non
                               "cluster, a mount every node shares). URIs work for storage.clip_cache and "
                               "storage.ray_results")
     base = Path.cwd() if base is None else base
-    cfg.data.root = _absolute(cfg.data.root, base)
-    cfg.models.cache_dir = _absolute(cfg.models.cache_dir, base)
-    if cfg.models.toy_zoo is not None:
-        cfg.models.toy_zoo.dir = _absolute(cfg.models.toy_zoo.dir, base)
-        # The toy zoo's teacher and student are directories that may not exist yet: paths, not hub names.
-        for model, sub in ((cfg.models.teacher, "teacher"), (cfg.models.student, "student")):
-            in_zoo = Path(cfg.models.toy_zoo.dir) / sub
-            if model.name and (base / model.name).resolve() == in_zoo:
-                model.name = str(in_zoo)
-    for field in ("clip_cache", "ray_results", "output_dir"):
-        setattr(cfg.storage, field, _absolute(getattr(cfg.storage, field), base))
+    keep = durable_base(base)  # what the run writes must outlive a Ray job's working directory
+    cfg.data.root = _absolute(cfg.data.root, keep if cfg.data.synthetic is not None else base)
+    cfg.models.cache_dir = _absolute(cfg.models.cache_dir, keep)
     for field in ("path", "config"):
         setattr(cfg.models.assistant, field, _absolute(getattr(cfg.models.assistant, field), base))
+    if cfg.models.toy_zoo is not None:
+        given = Path(_absolute(cfg.models.toy_zoo.dir, base))
+        cfg.models.toy_zoo.dir = _absolute(cfg.models.toy_zoo.dir, keep)
+        # The toy zoo's models are files that may not exist yet: paths (not hub names), moved with the zoo.
+        for model, sub in ((cfg.models.teacher, "teacher"), (cfg.models.student, "student")):
+            if model.name and (base / model.name).resolve() == given / sub:
+                model.name = str(Path(cfg.models.toy_zoo.dir) / sub)
+        for field in ("path", "config"):
+            value = getattr(cfg.models.assistant, field)
+            if value and not _is_uri(value) and Path(value).is_relative_to(given):
+                setattr(cfg.models.assistant, field, str(Path(cfg.models.toy_zoo.dir) / Path(value).relative_to(given)))
+    for field in ("clip_cache", "ray_results", "output_dir"):
+        setattr(cfg.storage, field, _absolute(getattr(cfg.storage, field), keep))
     for model in (cfg.models.teacher, cfg.models.student):
         # A name that is an existing local directory is a path; anything else is a hub name.
         if model.name is not None and (base / model.name).is_dir():

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tmad_ray.config import durable_base, in_ray_job_copy
+
 
 def prepare_data(cfg, quiet: bool = False):
     """Generate the embedded dataset if the config asks for it, then fill the clip cache.
@@ -74,11 +76,16 @@ def search_plan(cfg, manifest, report) -> str:
         f"-> {s.mode} {s.metric}",
         f"  space     {space}, temperature {s.temperature}, layer sets {s.align_layer_sets}"
         + (f", lr {s.lr} (log)" if s.lr else ""),
-        f"  trial     {t.num_workers} DDP workers x {t.cpus_per_worker:g} CPU{' + 1 GPU' if t.use_gpu else ''}, "
+        f"  trial     {t.num_workers} DDP workers x {t.cpus_per_worker:g} CPU{' + 1 GPU' if t.use_gpu else ''}"
+        f"{''.join(f' + {v:g} {k}' for k, v in t.worker_resources.items())}, "
         f"{t.epochs} epochs, batch {t.batch_size}; defaults alpha={d.alpha} beta={d.beta} gamma={d.gamma} "
         f"delta={d.delta} T={d.temperature} layers={d.align_layers}",
         f"  tracking  {redact(resolve_tracking_uri(cfg.tracking))} (experiment {cfg.tracking.experiment!r})",
+        f"  outputs   {cfg.storage.output_dir}; checkpoints {redact(cfg.storage.ray_results)}",
     ]
+    if in_ray_job_copy(Path.cwd()):
+        lines.append(f"            (in Ray's temporary copy of the job's working directory: relative paths of what the "
+                     f"study writes are under {durable_base(Path.cwd())}, $TMAD_RAY_HOME)")
     return "\n".join(lines)
 
 

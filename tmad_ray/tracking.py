@@ -9,8 +9,9 @@ of the trial's Train workers hands it. No Ray process uses the fluent
 does, once, to log the best student as an MLflow model to its trial's run (``tmad_ray.serving``).
 
 The tracking URI: ``tracking.tracking_uri`` when the config sets it, else ``MLFLOW_TRACKING_URI``,
-else ``sqlite:///mlflow.db`` in the working directory (MLflow 3 refuses the old file store).
-A relative sqlite path is made absolute, because Tune changes the working directory of trials.
+else ``sqlite:///mlflow.db`` in the working directory (MLflow 3 refuses the old file store; in a
+``ray job submit`` working directory, which Ray deletes, under ``$TMAD_RAY_HOME`` instead). A
+relative sqlite path is made absolute, because Tune changes the working directory of trials.
 ``check_tracking_store`` tries the store before a study prepares anything. Secrets never reach
 MLflow, a file or the screen: ``redact`` hides a URI's user info and secret query values, and
 ``log_params`` masks secret-named keys.
@@ -27,6 +28,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from tmad_ray.config import durable_base
 from tmad_ray.errors import UserError
 
 STUDY_TAG, TRIAL_TAG, PARENT_TAG = "tmad.study", "tmad.trial_id", "mlflow.parentRunId"
@@ -122,7 +124,7 @@ def resolve_tracking_uri(tracking_cfg) -> str:
         uri = os.environ["MLFLOW_TRACKING_URI"]
     m = re.match(r"^sqlite:///(.+)$", uri)
     if m and not m.group(1).startswith("/"):
-        uri = f"sqlite:///{Path(m.group(1)).resolve()}"
+        uri = f"sqlite:///{(durable_base(Path.cwd()) / m.group(1)).resolve()}"
     return uri
 
 
