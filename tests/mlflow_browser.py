@@ -24,12 +24,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(store: Path, timeout_s: float = 120):
-    """``mlflow server`` on loopback over ``store/mlflow.db`` (artifacts where the runs put them)."""
+def mlflow_server(store: Path, timeout_s: float = 120, extra: tuple[str, ...] = ()):
+    """``mlflow server`` on loopback over ``store/mlflow.db`` (artifacts where the runs put them, or
+    where ``extra`` says, e.g. ``("--artifacts-destination", "s3://bucket/mlflow")``)."""
     port = free_port()
     log = open(store / "mlflow_server.log", "w")
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra],
                             stdout=log, stderr=subprocess.STDOUT, cwd=store,
                             env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

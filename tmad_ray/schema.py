@@ -207,19 +207,19 @@ class TrainConfig(_Strict):
     batch_size: int = Field(4, ge=1)  # clips per worker per step: the global batch is this × num_workers
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.05, ge=0)
+    decay_all_params: bool = False  # True: biases and norms decay too (tmad_ray's old way; for ablations)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     flip: bool = True
     seed: int = 0
     max_failures: int = Field(2, ge=0)
-    # A worker keeps its share of the train (and val) clips in memory when it fits, and then draws a
-    # full permutation of its clips every epoch; above this it streams them from the clip cache.
+    # A worker holds its clips in memory when they fit (a full permutation each epoch), else streams them.
     hold_in_memory_mb: int = Field(2048, ge=0)
-    # Streaming: the clips of this many clips' worth of videos are shuffled together (views of one
-    # video then land in different batches); about two windows are held in memory.
+    # Streaming: this many clips' worth of videos are shuffled together (about two windows in memory).
     shuffle_window_clips: int = Field(64, ge=1)
-    num_to_keep: int = Field(2, ge=1)  # checkpoints kept per run: the best by val_accuracy and the latest
+    num_to_keep: int = Field(2, ge=1)  # checkpoints kept per run: the best by search.metric and the latest
+    worker_resources: dict[str, float] = {}  # custom Ray resources each worker needs too: on nodes that have them
 
 
 def _check_bounds(name: str, v: list[float]) -> list[float]:

@@ -41,7 +41,8 @@ def train_loop_per_worker(config: dict) -> None:
     start = state["epoch"] if state else 0
     # best_<metric> and best_<objective> ride in every report, so a resumed run takes them back from its checkpoint
     best = {k: v for k, v in state["metrics"].items() if k.startswith("best_")} if state else {}
-    w.run_log.write(event="start", epoch=start, world=w.world, resumed=state is not None)
+    w.run_log.write(event="start", epoch=start, world=w.world, resumed=state is not None,
+                    node=ray.get_runtime_context().get_node_id())  # which machine, for a cluster's post-mortem
     if state is None:
         phases = {**driver_phases(spec.started_at, spec.fit_at, entered), **phases}
     elif start >= cfg.train.epochs:

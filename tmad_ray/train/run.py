@@ -40,7 +40,7 @@ def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = Non
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": run_spec(cfg, manifest, report, log_path, mlflow_run, started_at, fit_at)},
