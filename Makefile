@@ -9,7 +9,7 @@ PIP_TOOLS := pip-tools==7.7.0
 TORCH = $(shell grep -m1 '^torch==' $(LOCK))
 
 .DELETE_ON_ERROR:  # a set-up step that failed leaves no target behind, so the next make runs it again
-.PHONY: demo test test-fast bench bench-quality bench-ttq bench-peer bench-gpu rehearse venv browser clean screenshots lock lock-check
+.PHONY: demo test test-fast bench bench-quality bench-setup bench-ttq bench-peer bench-gpu rehearse venv browser clean screenshots lock lock-check
 
 # One line and exit 1 when the lock is stale (pyproject.toml edited) or was made for another Python.
 lock-check:
@@ -61,6 +61,11 @@ bench: venv
 bench-quality: venv
 	$(BIN)/python tune.py --config experiments/quality.yaml
 	$(BIN)/tmad-ray bench quality --config experiments/quality.yaml --seeds 0,1,2,3,4 --out bench/quality.json
+
+# The training set-up's differences from a plain HF Trainer, each on its own, on the reference recipe.
+bench-setup: venv
+	$(BIN)/tmad-ray bench quality --config experiments/quality.yaml --recipe config --seeds 0,1,2,3,4 \
+	  --variants reference_default,reference_decay_all,reference_view_pool --out bench/setup_ablation.json
 
 # tune.py against the seed's way: time to first reach fixed val accuracies, both sides from their own
 # start, and the chosen recipes' test accuracy; 5 seeds, the same recipes on both sides (~1.5 h here).

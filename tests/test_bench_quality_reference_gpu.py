@@ -30,6 +30,10 @@ def test_quality_recipes_baselines_and_one_ablation_per_term(tmp_path):
     assert (kd.beta, kd.gamma, kd.delta, kd.relations, kd.assistant_weight) == (0.0, 0.0, 1.0, False, 0.0)
     for term in ("alpha", "beta", "gamma", "delta"):
         assert r[f"no_{term}"] == {**best, term: 0.0}
+    # the training set-up's differences, each on its own, on the reference recipe
+    pool, decay = apply_recipe(cfg, r["reference_view_pool"]), apply_recipe(cfg, r["reference_decay_all"])
+    assert (pool.data.train_view_pool, pool.data.cached_train_views, pool.distill.beta) == (8, 8, 1.0)
+    assert decay.train.decay_all_params and not pool.train.decay_all_params and decay.data == cfg.data
     cfg_recipe, src = recipes(cfg, "config")
     assert src == "config" and cfg_recipe["searched"]["align_layers"] == "-1"
     with pytest.raises(FileNotFoundError, match="python tune.py"):
@@ -68,6 +72,24 @@ def test_quality_statistics_are_paired_t_intervals_by_hand():
     table = quality_table(r)
     assert "| ce_only | 1 | 0 | 0 | 0 | 3.00 | -1 | 0.550 [" in table and "| baseline |" in table
     assert f"| +{0.29 / 3:.3f} [" in table and "**better**" in table and "**searched better**" in table
+    assert out["paired_setup_vs_reference"] == {} and "the reference recipe with" not in table
+
+
+def test_a_setup_variant_is_paired_against_the_reference_recipe():
+    from tmad_ray.bench.quality import REFERENCE_DEFAULT, SETUP_VARIANTS
+
+    accs = {"ce_only": [0.3, 0.3], "reference_default": [0.50, 0.60], "reference_decay_all": [0.45, 0.50]}
+    runs = [{"recipe": n, "seed": s, "test_accuracy": a, "val_accuracy": a} for n, xs in accs.items()
+            for s, a in enumerate(xs)]
+    out = summarize(runs, list(accs), teacher=None)
+    d = out["paired_setup_vs_reference"]["reference_decay_all"]  # -0.05, -0.10
+    assert d["mean_diff"] == pytest.approx(-0.075) and d["seeds"] == 2 and set(out["paired_setup_vs_reference"]) == {
+        "reference_decay_all"}
+    r = {"budget": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "workers": 1}, "seeds": [0, 1], "chance": 0.25,
+         "recipe_source": "config", "n_train": 8, "n_val": 200, "n_test": 200, "student_init": "scratch",
+         "recipes": {"ce_only": {"alpha": 1, "beta": 0, "gamma": 0, "delta": 0}, "reference_default": REFERENCE_DEFAULT,
+                     "reference_decay_all": {**REFERENCE_DEFAULT, **SETUP_VARIANTS["reference_decay_all"]}}, **out}
+    assert "| reference_decay_all: train.decay_all_params=True | -0.075 [" in quality_table(r)
 
 
 def test_quality_resummarize_recomputes_a_finished_benchmark(tmp_path):

@@ -115,6 +115,12 @@ def test_weight_decay_spares_biases_and_norms():
     assert torch.equal(ln, before["ln"]) and torch.equal(bias, before["bias"])
     assert torch.allclose(w, before["w"] * (1 - 0.5 * 0.1))
 
+    (everything,) = param_groups(tri, 0.1, decay_all=True)  # train.decay_all_params: the old way, for ablations
+    opt = torch.optim.AdamW([everything], lr=0.5)
+    before = ln.detach().clone()
+    opt.step()
+    assert len(everything["params"]) == len(trainable) and torch.allclose(ln, before * (1 - 0.5 * 0.1))
+
 
 @pytest.mark.parametrize("term", ["beta", "gamma", "delta"])
 def test_each_term_reaches_the_student_and_never_the_frozen_models(term):

@@ -144,7 +144,8 @@ def add_proof_commands(bench, config_args) -> None:
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--recipe", default="searched",
                    help="'searched' (the latest study of the config: its best.json), a best.json path, or 'config'")
-    p.add_argument("--variants", default=None, help="subset, e.g. searched,reference_default (ce_only is always run)")
+    p.add_argument("--variants", default=None, help="subset, e.g. searched,reference_default (ce_only is always run); the training "
+                        "set-up ablations reference_decay_all and reference_view_pool run only when named")
     p.add_argument("--parallel", type=int, default=None,
                    help="runs side by side (default: as many as a study's trials here)")
     p.add_argument("--resummarize", action="store_true", help="recompute the statistics of --out from its runs")

@@ -17,7 +17,11 @@ so recipes are compared **paired**, seed by seed. The recipes:
 * ``ce_only``: fine-tuning alone (α = 1, β = γ = δ = 0: no teacher or assistant forward);
 * ``logit_kd``: classic Hinton KD from the teacher alone (CE + T²·KL on the teacher's logits, no
   relations, no assistant);
-* ``no_alpha`` … ``no_delta``: the searched recipe with one term switched off.
+* ``no_alpha`` … ``no_delta``: the searched recipe with one term switched off;
+* ``reference_decay_all``, ``reference_view_pool``: the reference recipe with one difference of the
+  training set-up undone or added (weight decay on biases and norms too, as tmad_ray did before;
+  a pool of 8 cached views per training video with 2 drawn each epoch instead of 2 fixed ones).
+  Asked for with ``--variants``; reported paired against ``reference_default``.
 
 Reported per recipe: the mean test accuracy with a 95 % confidence interval over the seeds (t
 distribution), and its paired difference to ``ce_only`` with a 95 % CI. The test set is fixed, so
@@ -46,6 +50,10 @@ CE_ONLY = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "delta": 0.0}
 LOGIT_KD = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "delta": 1.0, "temperature": 4.0, "relations": False,
             "teacher_weight": 1.0, "assistant_weight": 0.0}
 RECIPE_KEYS = ("alpha", "beta", "gamma", "delta", "temperature", "align_layers")
+# The training set-up's differences, each on its own (issue: "the same recipe trains as well as in a
+# plain HF Trainer"): dotted keys are config settings, applied on top of the recipe.
+SETUP_VARIANTS = {"reference_decay_all": {"train.decay_all_params": True},
+                  "reference_view_pool": {"data.train_view_pool": 8}}
 
 
 def latest_best(cfg) -> Path:
@@ -73,6 +81,8 @@ def recipes(cfg, recipe: str) -> tuple[dict[str, dict], str]:
            "ce_only": {**base, **CE_ONLY}, "logit_kd": {**base, **LOGIT_KD}}
     for term in ("alpha", "beta", "gamma", "delta"):
         out[f"no_{term}"] = {**searched, term: 0.0}
+    for name, setup in SETUP_VARIANTS.items():
+        out[name] = {**REFERENCE_DEFAULT, **setup}
     return out, source
 
 
@@ -85,7 +95,26 @@ def apply_recipe(cfg, recipe: dict):
     for k in ("relations", "teacher_weight", "assistant_weight"):
         if k in recipe:
             setattr(run_cfg.distill, k, recipe[k])
+    for key, value in recipe.items():
+        if "." in key:  # a set-up variant's setting (SETUP_VARIANTS)
+            section, field = key.split(".")
+            setattr(getattr(run_cfg, section), field, value)
     return run_cfg
+
+
+def prepare_variants(cfg, recipes_run: list[dict], manifest, report) -> dict:
+    """``{data settings as JSON: (manifest, report)}``: a set-up variant that caches other views
+    (``data.train_view_pool``) gets its own clip-cache entries, prepared before any run starts."""
+    from tmad_ray.study import prepare_study
+
+    prepared = {cfg.data.model_dump_json(): (manifest, report)}
+    for recipe in recipes_run:
+        data = apply_recipe(cfg, recipe).data
+        if data.model_dump_json() not in prepared:
+            run_cfg = cfg.model_copy(deep=True)
+            run_cfg.data = data
+            prepared[data.model_dump_json()] = prepare_study(run_cfg)[:2]
+    return prepared
 
 
 def t_interval(xs: list[float]) -> tuple[float, list[float] | None]:
@@ -110,7 +139,10 @@ def run_quality_bench(cfg, out: str, seeds: list[int], recipe: str = "searched",
     from tmad_ray.train.run import fit
 
     all_recipes, source = recipes(cfg, recipe)
-    names = variants or list(all_recipes)
+    names = variants or [n for n in all_recipes if n not in SETUP_VARIANTS]
+    unknown = [n for n in names if n not in all_recipes]
+    if unknown:
+        raise NotFound(f"no recipe {', '.join(unknown)}; the recipes: {', '.join(all_recipes)}")
     if "ce_only" not in names:
         names = ["ce_only", *names]  # the baseline of every paired difference
     parallel = max(1, parallel or local_trials(cfg))
@@ -119,13 +151,14 @@ def run_quality_bench(cfg, out: str, seeds: list[int], recipe: str = "searched",
     student = models["student"]
     init = (f"pretrained: {cfg.models.student.name}" if getattr(student, "reinitialized", None) else "scratch")
     del models
+    prepared = prepare_variants(cfg, [all_recipes[n] for n in names], manifest, report)
     teacher = teacher_test_accuracy(cfg, manifest, Path(cfg.storage.output_dir) / "quality_teacher")
     t0, runs, stamp = time.time(), [], time.strftime("%Y%m%d-%H%M%S")
 
     def one(seed: int, name: str) -> dict:
         run_cfg = apply_recipe(cfg, all_recipes[name])
         run_cfg.train.seed = seed
-        outcome = fit(run_cfg, manifest, report, f"quality-{cfg.name}-{stamp}-{name}-s{seed}")
+        outcome = fit(run_cfg, *prepared[run_cfg.data.model_dump_json()], f"quality-{cfg.name}-{stamp}-{name}-s{seed}")
         ev = evaluate_exported(str(outcome.student_dir), cfg.data.root, "test", cfg.data.eval_clips,
                                cfg.data.eval_crops, cfg.data.label_mode)
         return {"recipe": name, "seed": seed, "val_accuracy": outcome.best_metrics["val_accuracy"],
@@ -158,7 +191,8 @@ def run_quality_bench(cfg, out: str, seeds: list[int], recipe: str = "searched",
 def summarize(runs: list[dict], names: list[str], teacher: float | None) -> dict:
     """``summary.<recipe>``: mean test accuracy and its 95 % CI; ``paired_vs_ce_only.<recipe>``: the
     mean seed-by-seed difference to ce_only and its 95 % CI (seeds that both ran);
-    ``paired_searched_vs.<recipe>``: the same for the searched recipe against every other one."""
+    ``paired_searched_vs.<recipe>``: the same for the searched recipe against every other one;
+    ``paired_setup_vs_reference.<variant>``: each set-up variant minus ``reference_default``."""
     acc = {n: {r["seed"]: r["test_accuracy"] for r in runs if r["recipe"] == n} for n in names}
 
     def paired(a: str, b: str) -> dict | None:
@@ -169,7 +203,7 @@ def summarize(runs: list[dict], names: list[str], teacher: float | None) -> dict
         return {"mean_diff": d, "ci95": dci, "seeds": len(both),
                 "better": dci is not None and dci[0] > 0, "worse": dci is not None and dci[1] < 0}
 
-    summary, vs_ce, vs_searched = {}, {}, {}
+    summary, vs_ce, vs_searched, vs_ref = {}, {}, {}, {}
     for n in names:
         xs = [acc[n][s] for s in sorted(acc[n])]
         if not xs:
@@ -183,7 +217,10 @@ def summarize(runs: list[dict], names: list[str], teacher: float | None) -> dict
             vs_ce[n] = d
         if n != "searched" and "searched" in acc and (d := paired("searched", n)):
             vs_searched[n] = d
-    return {"summary": summary, "paired_vs_ce_only": vs_ce, "paired_searched_vs": vs_searched}
+        if n in SETUP_VARIANTS and (d := paired(n, "reference_default")):
+            vs_ref[n] = d
+    return {"summary": summary, "paired_vs_ce_only": vs_ce, "paired_searched_vs": vs_searched,
+            "paired_setup_vs_reference": vs_ref}
 
 
 def resummarize(out: str) -> dict:
@@ -213,6 +250,11 @@ def format_table(r: dict) -> str:
         lines.append(f"| {name} | {p['alpha']:.3g} | {p['beta']:.3g} | {p['gamma']:.3g} | {p['delta']:.3g} | "
                      f"{p.get('temperature', 0):.2f} | {p.get('align_layers', '')} | {s['test_accuracy_mean']:.3f} "
                      f"{_ci(s['ci95'], '.3f')} | {vs_ce} | {vs_s} |")
+    setup = r.get("paired_setup_vs_reference") or {}
+    if setup:
+        lines += ["", "| the reference recipe with | minus reference_default, paired (95 % CI) |", "|---|---|"]
+        lines += [f"| {n}: {', '.join(f'{k}={v}' for k, v in SETUP_VARIANTS[n].items())} | "
+                  f"{_diff(d, 'better', 'worse')} |" for n, d in setup.items()]
     return "\n".join(lines)
 
 

@@ -77,11 +77,15 @@ def build_trimodel(cfg, labels: list[str]) -> TriModel:
     return TriModel(models["student"], models.get("teacher"), models.get("assistant"), cfg.distill, labels)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
     """AdamW's groups: weight decay on matrices (linear and patch-embedding weights), none on biases,
     norm weights and other 1-D parameters, as Hugging Face's Trainer and most recipes do (decaying a
-    LayerNorm's gain towards 0 only fights the normalization). Frozen parameters are left out."""
+    LayerNorm's gain towards 0 only fights the normalization). ``decay_all``: one group, everything
+    decayed (``train.decay_all_params``, tmad_ray's old way, kept for the ablation that measured the
+    difference). Frozen parameters are left out."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if decay_all:
+        return [{"params": trainable, "weight_decay": weight_decay}]
     return [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
 
@@ -107,7 +111,7 @@ def setup_worker(cfg, spec: RunSpec, rank: int, world: int, device: torch.device
     # student + projectors: to the device, DDP when world > 1 (see ddp_kwargs for unused parameters)
     tri.wrap(lambda m: prepare_model(m, parallel_strategy_kwargs=ddp_kwargs(cfg)))
     phases["ddp_s"], mark = time.time() - mark, time.time()
-    optimizer = torch.optim.AdamW(param_groups(tri, t.weight_decay), lr=t.lr)
+    optimizer = torch.optim.AdamW(param_groups(tri, t.weight_decay, t.decay_all_params), lr=t.lr)
     train_shard = TrainShard(cfg.storage.clip_cache, spec.train_entries, spec.train_labels, rank=rank, world=world,
                              seed=t.seed, views=cfg.data.cached_train_views, epoch_views=cfg.data.train_views,
                              clip_bytes=train_clip_bytes(cfg),
