@@ -1,6 +1,9 @@
 """Benchmarks: each writes JSON and prints a table for docs/benchmarks.md."""
 
 import json
+import os
+import platform
+import time
 from pathlib import Path
 
 
@@ -11,3 +14,11 @@ def write_result(result: dict, out: str, table: str) -> dict:
     Path(out).write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
     return result
+
+
+def seed_facts(manifest, t_start: float, seeds: list[int]) -> dict:
+    """What a per-seed benchmark's JSON says besides its runs: the split sizes, chance, its minutes so
+    far, the seeds it set out to run (a benchmark cut short shows which it finished) and the machine."""
+    return {"videos": {split: len(rows) for split, rows in manifest.rows.items()}, "chance": 1 / len(manifest.labels),
+            "benchmark_minutes": (time.time() - t_start) / 60, "seeds_planned": seeds,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from tmad_ray.bench import write_result
+from tmad_ray.bench import seed_facts, write_result
 from tmad_ray.bench.time_to_quality import (RECIPE_KEYS, best_so_far, ratio_of, run_tmad_ray, teacher_test_accuracy,
                                             time_to_reach)
 from tmad_ray.plots import save_figure
@@ -269,9 +268,7 @@ def run_peer_bench(cfg, out: str, seeds: list[int], say=print) -> dict:
         tm = run_tmad_ray(scfg, work / f"seed{seed}", say, own_ray=True)
         runs.append({"seed": seed, "hf_trainer": hf, "tmad_ray": tm})
         result = summarize(cfg, runs, teacher)
-        result.update(videos={split: len(rows) for split, rows in manifest.rows.items()},
-                      chance=1 / len(manifest.labels), benchmark_minutes=(time.time() - t_start) / 60,
-                      seeds_planned=seeds, machine={"cpus": os.cpu_count(), "platform": platform.platform()})
+        result.update(seed_facts(manifest, t_start, seeds))
         plot(result, str(Path(out).with_suffix(".png")))
         write_result(result, out, format_table(result))
     return result

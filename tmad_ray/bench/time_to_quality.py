@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from tmad_ray.bench import write_result
+from tmad_ray.bench import seed_facts, write_result
 from tmad_ray.plots import save_figure
 
 RECIPE_KEYS = ("alpha", "beta", "gamma", "delta", "temperature", "align_layers")
@@ -133,37 +132,37 @@ def run_seed_way(cfg, recipes: list[dict], say=print) -> dict:
 
 
 def run_ttq_bench(cfg, out: str, seeds: list[int], say=print) -> dict:
-    """Both ways for every seed; tmad_ray's studies first (one Ray), then the seed's way alone."""
-    import ray
-
+    """Both ways for every seed, one after the other: tmad_ray as ``python tune.py`` runs it, with its
+    own Ray started and stopped inside its clock (what a user pays), then the seed's way alone with
+    the machine's threads. The JSON, table and plot are rewritten after every seed, so a benchmark
+    cut short keeps the seeds it finished."""
     from tmad_ray.data.manifest import load_manifest
     from tmad_ray.data.synthetic import ensure_synthetic
     from tmad_ray.models.toyzoo import ensure_toy_zoo
 
     work = Path(tempfile.mkdtemp(prefix="bench_ttq_"))
     t_start = time.time()
-    ensure_synthetic(cfg.data)  # the dataset and the toy zoo exist before either clock starts
+    ensure_synthetic(cfg.data)  # the dataset, the toy zoo and the teacher's score before either clock starts
     ensure_toy_zoo(cfg)
-    runs = []
+    d = cfg.data
+    manifest = load_manifest(d.root, d.label_mode, d.val_fraction, d.split_seed)
+    teacher = teacher_test_accuracy(cfg, manifest, work / "teacher")
+    threads = torch.get_num_threads()
+    runs, result = [], {}
     for seed in seeds:
         scfg = cfg.model_copy(deep=True)
         scfg.search.seed, scfg.train.seed = seed, seed
-        runs.append({"seed": seed, "tmad_ray": run_tmad_ray(scfg, work / f"seed{seed}", say)})
-    ray.shutdown()  # the seed's way runs alone, with the machine's threads
-    torch.set_num_threads(os.cpu_count() or 1)
-    for run in runs:
-        scfg = cfg.model_copy(deep=True)
-        scfg.train.seed = run["seed"]
+        torch.set_num_threads(threads)
+        run = {"seed": seed, "tmad_ray": run_tmad_ray(scfg, work / f"seed{seed}", say, own_ray=True)}
+        torch.set_num_threads(os.cpu_count() or threads)  # the seed's way: one process, every core
         run["seed_way"] = run_seed_way(scfg, run["tmad_ray"]["recipes"], say)
-    d = cfg.data
-    manifest = load_manifest(d.root, d.label_mode, d.val_fraction, d.split_seed)
-    result = summarize(cfg, runs, teacher_test_accuracy(cfg, manifest, work / "teacher"))
-    result["videos"] = {split: len(rows) for split, rows in manifest.rows.items()}
-    result["chance"] = 1 / len(manifest.labels)
-    result["benchmark_minutes"] = (time.time() - t_start) / 60
-    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    plot(result, str(Path(out).with_suffix(".png")))
-    return write_result(result, out, format_table(result))
+        runs.append(run)
+        result = summarize(cfg, runs, teacher)
+        result.update(seed_facts(manifest, t_start, seeds))
+        plot(result, str(Path(out).with_suffix(".png")))
+        write_result(result, out, format_table(result))
+    torch.set_num_threads(threads)
+    return result
 
 
 def targets_of(run: dict, teacher_test: float | None) -> dict[str, float]:
