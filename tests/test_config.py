@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from tmad_ray.config import EXPERIMENTS_DIR, ConfigError, config_from_dict, load_config
-from tmad_ray.schema import parse_layer_set
+from tmad_ray.recipe import parse_layer_set
 
 EXPERIMENT_FILES = sorted(EXPERIMENTS_DIR.glob("*.yaml"))
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from tmad_ray.search.confirm import Candidate, confirm_table, pick, recipe_params, top_trials
+from tmad_ray import recipe
+from tmad_ray.search.confirm import Candidate, confirm_table, pick, top_trials
 
 
 def row(trial, value, status="COMPLETED", **extra):
@@ -36,10 +37,9 @@ def test_only_trials_that_trained_every_epoch_are_confirmed():
 
 def test_a_confirmation_trains_the_trials_own_recipe():
     from tmad_ray.config import config_from_dict
-    from tmad_ray.search.space import apply_params
 
-    params = recipe_params(row("t1", 0.5, lr=3e-4))
-    cfg = apply_params(config_from_dict({"search": {"lr": [1e-4, 1e-3]}}), params)
+    params = recipe.of(row("t1", 0.5, lr=3e-4))
+    cfg = recipe.apply(config_from_dict({"search": {"lr": [1e-4, 1e-3]}}), params)
     d = cfg.distill
     assert (d.alpha, d.beta, d.gamma, d.delta, d.temperature, d.align_layers, cfg.train.lr) == \
         (1.0, 2.0, 0.5, 0.1, 4.0, [-1, -2], 3e-4)

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tmad_ray"
 # Lowest first. A module may import its own layer and the layers below, never one above.
 LAYERS = [
     ["tmad_ray.errors", "tmad_ray.storage", "tmad_ray.cluster", "tmad_ray.plots", "tmad_ray.schema",
-     "tmad_ray.config"],
+     "tmad_ray.config", "tmad_ray.recipe"],
     ["tmad_ray.data"],
     ["tmad_ray.models"],
     ["tmad_ray.distill"],

@@ -10,7 +10,7 @@ import pytest
 
 from tmad_ray.config import load_config
 from tmad_ray.search.driver import STATE_FILE, StudyError, check_layer_sets, concurrent_trials, study_name
-from tmad_ray.search.space import apply_params, define_space, distributions, space_for
+from tmad_ray.recipe import apply, define_space, distributions, space_for
 from tmad_ray.search.trial import TRIAL_CPU
 
 
@@ -34,9 +34,9 @@ def test_define_by_run_space_samples_within_bounds_and_pickles():
     assert "lr" not in no_lr.params
 
 
-def test_apply_params_sets_the_recipe_of_a_trial():
+def test_a_trials_recipe_is_applied_to_its_config():
     cfg = load_config(None)
-    got = apply_params(cfg, {"alpha": 2.0, "beta": 0.5, "gamma": 0.1, "delta": 0.3, "temperature": 3.0,
+    got = apply(cfg, {"alpha": 2.0, "beta": 0.5, "gamma": 0.1, "delta": 0.3, "temperature": 3.0,
                              "align_layers": "-1,-3", "lr": 1e-3})
     d = got.distill
     assert (d.alpha, d.beta, d.gamma, d.delta, d.temperature, d.align_layers) == (2.0, 0.5, 0.1, 0.3, 3.0, [-1, -3])
@@ -100,7 +100,7 @@ def test_student_depth_is_searched_only_for_depth_width_heads_students():
     trial = optuna.create_study().ask()
     space_for(cfg.search)(trial)
     assert trial.params["student_depth"] in (2, 4)
-    assert apply_params(cfg, {"student_depth": 2}).models.student.depth == 2
+    assert apply(cfg, {"student_depth": 2}).models.student.depth == 2
     check_layer_sets(cfg, 4)
     with pytest.raises(StudyError, match="-1,-2,-3"):
         check_layer_sets(load_config(None, ["search.student_depths=[2,4]", SIZED]), 4)  # "-1,-2,-3" needs depth 3

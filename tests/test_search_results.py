@@ -36,7 +36,7 @@ def test_optuna_plots_keep_failed_trials_in_their_place(tmp_path, monkeypatch):
     from optuna.visualization import matplotlib as ovm
 
     from tmad_ray.plots import optuna_plots
-    from tmad_ray.search.space import distributions
+    from tmad_ray.recipe import distributions
 
     plotted = []
     real = ovm.plot_optimization_history

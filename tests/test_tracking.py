@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tmad_ray import tracking
+from tmad_ray import recipe, tracking
 from tmad_ray.config import config_from_dict, load_config
 from tmad_ray.search.mlflow_runs import close_trial_runs
 
@@ -107,7 +107,7 @@ def test_the_mlflow_view_names_trials_and_keeps_the_parent_short():
     params = study_params(cfg)
     searched = ("alpha", "beta", "gamma", "delta", "temperature", "align", "layers")
     assert len(params) <= 12 and not any(w in k for k in params for w in searched)  # "alpha" once, on the trials
-    assert tracking.layers_param("-1") == "[-1]"  # never looks like a number to MLflow's charts
+    assert recipe.layers_param("-1") == "[-1]"  # never looks like a number to MLflow's charts
     assert runs_url("sqlite:////x/mlflow.db", "3") == ("http://127.0.0.1:5000/#/experiments/3/runs?workflowType="
                                                         "machine_learning&orderByKey=metrics.%60best_val_accuracy%60"
                                                         "&orderByAsc=false")

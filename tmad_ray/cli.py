@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from tmad_ray import recipe
 from tmad_ray.bench.cli import add_bench_commands
 from tmad_ray.config import load_config
 from tmad_ray.errors import UserError
@@ -156,9 +157,7 @@ def print_study(cfg, out) -> int:
         print("no trial reported a result", file=sys.stderr)
         return 1
     b = out.best
-    print(f"\nbest: trial #{b.get('trial_number')} ({b['trial']})  {metric} {b[metric]:.3f}  alpha={b['alpha']:.3g} "
-          f"beta={b['beta']:.3g} gamma={b['gamma']:.3g} delta={b['delta']:.3g} T={b['temperature']:.2f} "
-          f"layers={b['align_layers']}" + (f" lr={b['lr']:.3g}" if "lr" in b else ""))
+    print(f"\nbest: trial #{b.get('trial_number')} ({b['trial']})  {metric} {b[metric]:.3f}  {recipe.short(b)}")
     if b.get(f"{metric}_mean") is not None:
         print(f"  its recipe's mean {metric} over {len(b[f'{metric}_runs'])} training seeds: {b[f'{metric}_mean']:.3f} "
               f"(the student of its best run is exported)")

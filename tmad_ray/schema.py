@@ -10,20 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tmad_ray.recipe import SEARCHABLE, parse_layer_set
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # NaN and inf refused
-
-
-def parse_layer_set(text: str) -> list[int]:
-    """``"-1,-4,-8"`` -> ``[-1, -4, -8]``; 0 is not a layer (indices are 1-based)."""
-    try:
-        layers = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError as e:
-        raise ValueError(f"layer set {text!r} must be comma-separated integers") from e
-    if not layers or 0 in layers:
-        raise ValueError(f"layer set {text!r} must be non-empty 1-based (or negative) indices")
-    return layers
 
 
 class SynthConfig(_Strict):
@@ -270,9 +261,8 @@ class SearchConfig(_Strict):
         known = {"val_accuracy", "val_macro_f1", "val_loss", "student_latency_ms", "student_params_m"}
         if self.objectives is not None and (not self.objectives or set(self.objectives) - known):
             raise ValueError(f"objectives must be among {sorted(known)}")
-        known = {"alpha", "beta", "gamma", "delta", "temperature", "align_layers", "lr", "student_depth"}
-        if bad := {k for point in self.points_to_evaluate for k in point} - known:
-            raise ValueError(f"points_to_evaluate: unknown keys {sorted(bad)}; use {sorted(known)}")
+        if bad := {k for point in self.points_to_evaluate for k in point} - set(SEARCHABLE):
+            raise ValueError(f"points_to_evaluate: unknown keys {sorted(bad)}; use {sorted(SEARCHABLE)}")
         if self.confirm_top_k and self.objectives and len(self.objectives) > 1:
             raise ValueError("confirm_top_k ranks recipes by one metric; with several objectives the study "
                              "returns a Pareto front: set confirm_top_k: 0")

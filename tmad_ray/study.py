@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from tmad_ray.config import durable_base, in_ray_job_copy
+from tmad_ray.recipe import WEIGHTS
 
 
 def prepare_data(cfg, quiet: bool = False):
@@ -65,7 +66,7 @@ def search_plan(cfg, manifest, report) -> str:
 
     s, t, d = cfg.search, cfg.train, cfg.distill
     split_sizes = ", ".join(f"{k} {len(v)}" for k, v in manifest.rows.items())
-    space = ", ".join(f"{k} {getattr(s, k)} (log)" for k in ("alpha", "beta", "gamma", "delta"))
+    space = ", ".join(f"{k} {getattr(s, k)} (log)" for k in WEIGHTS)
     lines = [
         f"study {cfg.name!r}",
         f"  data      {manifest.root}: {split_sizes}; labels {manifest.labels}",

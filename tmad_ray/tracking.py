@@ -28,6 +28,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from tmad_ray import recipe
 from tmad_ray.config import durable_base
 from tmad_ray.errors import UserError
 
@@ -199,32 +200,12 @@ def trial_run_id(client, run: dict) -> str:
     return found[0].info.run_id
 
 
-def layers_param(layers: str) -> str:
-    """``"-1,-3"`` -> ``"[-1,-3]"``: MLflow's charts drop a run whose value of a param looks like a
-    number when others do not, so no layer set may look like one (``"-1"`` would)."""
-    return f"[{layers}]"
-
-
-def recipe_short(params: dict) -> str:
-    """``a=0.52 b=1.9 g=0.1 d=0.8 T=4.0 L=[-1,-3]`` (plus ``lr=``, ``depth=`` when searched)."""
-    parts = [f"{k[0]}={params[k]:.2g}" for k in ("alpha", "beta", "gamma", "delta") if params.get(k) is not None]
-    if params.get("temperature") is not None:
-        parts.append(f"T={params['temperature']:.1f}")
-    if params.get("align_layers") is not None:
-        parts.append(f"L={layers_param(params['align_layers'])}")
-    if params.get("lr") is not None:
-        parts.append(f"lr={params['lr']:.1e}")
-    if params.get("student_depth") is not None:
-        parts.append(f"depth={params['student_depth']}")
-    return " ".join(parts)
-
-
 def trial_run_name(params: dict, best: float | None = None, stopped_at: int | None = None) -> str:
     """What the runs table shows for a trial: Optuna's trial number (as in the Optuna plots), once it
     has ended its best validation score, the recipe, and whether ASHA stopped it."""
     number = params.get("trial_number")
     return ((f"#{number} " if number is not None else "") + (f"val {best:.3f} · " if best is not None else "")
-            + recipe_short(params) + (f" (stopped at epoch {stopped_at})" if stopped_at else ""))
+            + recipe.short(params) + (f" (stopped at epoch {stopped_at})" if stopped_at else ""))
 
 
 def log_params(client, run_id: str, params: dict) -> None:

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
+from tmad_ray import recipe
 from tmad_ray.bench import seed_facts, write_result
-from tmad_ray.bench.time_to_quality import (RECIPE_KEYS, best_so_far, ratio_of, run_tmad_ray, teacher_test_accuracy,
-                                            time_to_reach)
+from tmad_ray.bench.time_to_quality import best_so_far, ratio_of, run_tmad_ray, teacher_test_accuracy, time_to_reach
 from tmad_ray.plots import save_figure
 
 
@@ -102,27 +102,26 @@ def run_hf_trainer(cfg, say=print) -> dict:
     from tmad_ray.distill.trimodel import TriModel
     from tmad_ray.models.hf import load_models
     from tmad_ray.search.searcher import startup_trials
-    from tmad_ray.search.space import apply_params, bounds_of, define_space
 
     t, d, s = cfg.train, cfg.data, cfg.search
     t0 = time.time()
     manifest = load_manifest(d.root, d.label_mode, d.val_fraction, d.split_seed)
     labels, eval_spec = manifest.labels, ViewSpec.from_config(d, "eval")
     rec = Recorder(t0)
-    bounds = bounds_of(s)
+    bounds = recipe.bounds_of(s)
 
     def hp_space(trial) -> dict:
-        define_space(bounds, trial)
+        recipe.define_space(bounds, trial)
         return {}  # the recipe reaches the model through model_init, not TrainingArguments
 
     def model_init(trial=None):
         # transformers 5 builds the trial's model before it calls hp_space: sample the recipe here
         # (Optuna returns the same values when hp_space asks again), or every trial trains the config's
         if trial is not None:
-            define_space(bounds, trial)
+            recipe.define_space(bounds, trial)
         params = dict(trial.params) if trial is not None else {}
         rec.built.append(params)
-        run_cfg = apply_params(cfg, params)  # the Trainer seeds (args.seed) before it calls model_init
+        run_cfg = recipe.apply(cfg, params)  # the Trainer seeds (args.seed) before it calls model_init
         models = load_models(run_cfg, labels, ("student", "teacher", "assistant"))
         return TriModel(models["student"], models["teacher"], models["assistant"], run_cfg.distill, labels)
 
@@ -174,7 +173,7 @@ def run_hf_trainer(cfg, say=print) -> dict:
 
 def same_recipe(a: dict, b: dict) -> bool:
     return all((a[k] == b[k]) if isinstance(a[k], str) else math.isclose(a[k], b[k], rel_tol=1e-9)
-               for k in RECIPE_KEYS)
+               for k in recipe.KEYS)
 
 
 def recipe_pairs(run: dict) -> list[dict]:
@@ -184,7 +183,7 @@ def recipe_pairs(run: dict) -> list[dict]:
     for tm in run["tmad_ray"]["trials"]:
         for hf in run["hf_trainer"]["trials"]:
             if same_recipe(tm["params"], hf["params"]):
-                pairs.append({"recipe": {k: tm["params"][k] for k in RECIPE_KEYS},
+                pairs.append({"recipe": {k: tm["params"][k] for k in recipe.KEYS},
                               "hf_trainer": hf["best_val_accuracy"], "tmad_ray": tm["best_val_accuracy"],
                               "hf_epochs": hf["epochs"], "tmad_ray_epochs": tm["epochs"]})
                 break

@@ -43,13 +43,13 @@ from pathlib import Path
 from tmad_ray.bench import write_result
 from tmad_ray.errors import NotFound
 from tmad_ray.plots import save_figure
+from tmad_ray.recipe import KEYS, WEIGHTS, apply, of_config
 
 REFERENCE_DEFAULT = {"alpha": 1.0, "beta": 1.0, "gamma": 0.5, "delta": 0.0, "temperature": 4.0,
                      "align_layers": "-1,-2,-3", "teacher_weight": 1.0, "assistant_weight": 0.8}
 CE_ONLY = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "delta": 0.0}
 LOGIT_KD = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "delta": 1.0, "temperature": 4.0, "relations": False,
             "teacher_weight": 1.0, "assistant_weight": 0.0}
-RECIPE_KEYS = ("alpha", "beta", "gamma", "delta", "temperature", "align_layers")
 # The training set-up's differences, each on its own (issue: "the same recipe trains as well as in a
 # plain HF Trainer"): dotted keys are config settings, applied on top of the recipe.
 SETUP_VARIANTS = {"reference_decay_all": {"train.decay_all_params": True},
@@ -68,18 +68,15 @@ def recipes(cfg, recipe: str) -> tuple[dict[str, dict], str]:
     """Every recipe's distill settings (searched first, ce_only the baseline) and where the searched
     one came from."""
     if recipe == "config":
-        d = cfg.distill
-        searched = {k: getattr(d, k) for k in RECIPE_KEYS if k != "align_layers"}
-        searched["align_layers"] = ",".join(map(str, d.align_layers))
-        source = "config"
+        searched, source = of_config(cfg), "config"
     else:
         path = Path(recipe) if recipe != "searched" else latest_best(cfg)
         best = json.loads(path.read_text())
-        searched, source = {k: best[k] for k in RECIPE_KEYS}, str(path)
+        searched, source = {k: best[k] for k in KEYS}, str(path)
     base = {k: searched[k] for k in ("temperature", "align_layers")}
     out = {"searched": dict(searched), "reference_default": dict(REFERENCE_DEFAULT),
            "ce_only": {**base, **CE_ONLY}, "logit_kd": {**base, **LOGIT_KD}}
-    for term in ("alpha", "beta", "gamma", "delta"):
+    for term in WEIGHTS:
         out[f"no_{term}"] = {**searched, term: 0.0}
     for name, setup in SETUP_VARIANTS.items():
         out[name] = {**REFERENCE_DEFAULT, **setup}
@@ -87,11 +84,9 @@ def recipes(cfg, recipe: str) -> tuple[dict[str, dict], str]:
 
 
 def apply_recipe(cfg, recipe: dict):
-    """``cfg`` with a recipe: the searched knobs through the search's own ``apply_params``, the rest
-    (relations, teacher/assistant weights) set on ``distill``."""
-    from tmad_ray.search.space import apply_params
-
-    run_cfg = apply_params(cfg, recipe)
+    """``cfg`` with a recipe: the searched knobs as a trial applies them (``tmad_ray.recipe.apply``), the
+    rest (relations, teacher/assistant weights, a set-up variant's dotted settings) on top."""
+    run_cfg = apply(cfg, recipe)
     for k in ("relations", "teacher_weight", "assistant_weight"):
         if k in recipe:
             setattr(run_cfg.distill, k, recipe[k])

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tmad_ray import recipe
 from tmad_ray.bench import write_result
 
 
@@ -55,11 +56,10 @@ def reference_trial(cfg, manifest, params: dict, say=print, test: bool = False) 
     from tmad_ray.data.augment import augment
     from tmad_ray.distill.trimodel import TriModel
     from tmad_ray.models.hf import load_models
-    from tmad_ray.search.space import apply_params
     from tmad_ray.train.worker import cosine_with_warmup, param_groups
 
     t0 = time.perf_counter()
-    run_cfg = apply_params(cfg, params)
+    run_cfg = recipe.apply(cfg, params)
     t, d = run_cfg.train, run_cfg.data
     torch.manual_seed(t.seed)
     labels = manifest.labels
@@ -152,8 +152,7 @@ def run_search_bench(cfg, out: str, trials: int | None = None, epochs: int | Non
     t0 = time.perf_counter()
     study = run_study(cfg, manifest, report, resources, say=lambda *a: None)
     system_s = fill_s + time.perf_counter() - t0
-    recipes = [{k: r[k] for k in ("alpha", "beta", "gamma", "delta", "temperature", "align_layers")}
-               for r in study.rows]
+    recipes = [{k: r[k] for k in recipe.KEYS} for r in study.rows]
 
     cached_cfg = cfg.model_copy(deep=True)
     cached_cfg.distill.cache_targets = True

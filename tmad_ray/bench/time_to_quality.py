@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
+from tmad_ray import recipe
 from tmad_ray.bench import seed_facts, write_result
 from tmad_ray.plots import save_figure
 
-RECIPE_KEYS = ("alpha", "beta", "gamma", "delta", "temperature", "align_layers")
 
 
 def best_so_far(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -90,15 +90,15 @@ def run_tmad_ray(cfg, work: Path, say=print, own_ray: bool = False) -> dict:
                            f"{Path(cfg.storage.ray_results) / study.name}")
     points = study_epochs(Path(cfg.storage.output_dir) / study.name / "trials", t0)
     test = evaluate_test(cfg, study.best_student, manifest)["test_accuracy"]
-    recipes = [{k: r[k] for k in RECIPE_KEYS} for r in study.rows]
+    recipes = [{k: r[k] for k in recipe.KEYS} for r in study.rows]
     best = study.best
     say(f"  tmad_ray seed {cfg.search.seed}: {seconds:.0f} s, best val {best[cfg.search.metric]:.3f} "
         f"(trial #{best['trial_number']}), test {test:.3f}; {sum(r['epochs'] for r in study.rows)} epochs in all")
     return {"seconds": seconds, "epochs": [(t, v) for t, v in sorted(points)], "curve": best_so_far(points),
-            "best_val_accuracy": best[cfg.search.metric], "chosen": {k: best[k] for k in RECIPE_KEYS},
+            "best_val_accuracy": best[cfg.search.metric], "chosen": {k: best[k] for k in recipe.KEYS},
             "test_accuracy": test, "recipes": recipes, "epochs_trained": sum(r["epochs"] for r in study.rows),
             "trials": [{"trial_number": r["trial_number"], "best_val_accuracy": r[cfg.search.metric],
-                        "epochs": r["epochs"], "status": r["status"], "params": {k: r[k] for k in RECIPE_KEYS}}
+                        "epochs": r["epochs"], "status": r["status"], "params": {k: r[k] for k in recipe.KEYS}}
                        for r in study.rows]}
 
 

@@ -61,7 +61,7 @@ def query_rows(video_id: str, view: int, k: int, n_tokens: int, n_query: int | N
 
 def candidate_layers(cfg, student_depth: int) -> list[int]:
     """Every student block (1-based) that the config's aligned layers or any searched layer set names."""
-    from tmad_ray.schema import parse_layer_set
+    from tmad_ray.recipe import parse_layer_set
 
     sets = [cfg.distill.align_layers] + [parse_layer_set(t) for t in cfg.search.align_layer_sets]
     return sorted({resolve_layer(i, student_depth) for s in sets for i in s})

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from tmad_ray.distill import losses
+from tmad_ray.recipe import WEIGHTS
 from tmad_ray.errors import UserError
 
 
@@ -265,8 +266,8 @@ class TriModel(nn.Module):
         if "tokens" in student:
             student["grid"] = self._grid(student.pop("tokens"))
         d = self.cfg
-        out = losses.distill_losses(student, frozen, labels, alpha=d.alpha, beta=d.beta, gamma=d.gamma,
-                                    delta=d.delta, temperature=d.temperature, weights=self.weights,
+        out = losses.distill_losses(student, frozen, labels, **{k: getattr(d, k) for k in WEIGHTS},
+                                    temperature=d.temperature, weights=self.weights,
                                     label_smoothing=d.label_smoothing, relations=d.relations)
         out["logits"] = student["logits"]
         return out

@@ -22,8 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tmad_ray import tracking
-from tmad_ray.search.space import WEIGHTS, apply_params
+from tmad_ray import recipe, tracking
 
 SEED_STEP = 1000  # confirmation seeds: train.seed + 1000, + 2000, ... (far from any study's own seed)
 CONFIRM_TAG = "tmad.confirm_run"  # a confirmation run's name; its trial is in CONFIRMS_TAG
@@ -84,12 +83,6 @@ def confirm_top(cfg, rows: list[dict], study, client, concurrent: int, say=print
     return winner.row, run
 
 
-def recipe_params(row: dict) -> dict:
-    """A trial's sampled values, as ``apply_params`` takes them."""
-    return {k: row[k] for k in (*WEIGHTS, "temperature", "align_layers", "lr", "student_depth")
-            if row.get(k) is not None}
-
-
 def confirm_run(cfg, study, client, row: dict, seed: int, say=print) -> tuple[str, float | None]:
     """One confirmation run (reused when a ``--resume`` finds it finished): its name and its best
     value of ``search.metric``, None if it failed (said on the screen and in MLflow)."""
@@ -100,7 +93,7 @@ def confirm_run(cfg, study, client, row: dict, seed: int, say=print) -> tuple[st
     best, ran = train_summary(cfg, study.name, name)
     if best is not None and ran >= cfg.train.epochs:
         return name, float(best[cfg.search.metric])
-    run_cfg = apply_params(cfg, recipe_params(row))
+    run_cfg = recipe.apply(cfg, recipe.of(row))
     run_cfg.train.seed = seed
     run_id = open_confirm_run(client, study, name, row, seed)
     trainer = build_trainer(run_cfg, study.manifest, study.report, name,
@@ -140,10 +133,7 @@ def open_confirm_run(client, study, name: str, row: dict, seed: int) -> str:
         tracking.PARENT_TAG: study.parent_run_id, tracking.STUDY_TAG: study.name, CONFIRM_TAG: name,
         CONFIRMS_TAG: row["trial"], tracking.NOTE_TAG: f"Trial #{number}'s recipe of study `{study.name}` trained "
                                                        f"again on training seed {seed}"}).info.run_id
-    params = recipe_params(row)
-    if "align_layers" in params:
-        params["align_layers"] = tracking.layers_param(params["align_layers"])
-    tracking.log_params(client, run_id, {**params, "trial_number": number, "seed": seed})
+    tracking.log_params(client, run_id, {**recipe.mlflow_params(recipe.of(row)), "trial_number": number, "seed": seed})
     return run_id
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tmad_ray import tracking, tracking_queue
 from tmad_ray.errors import UserError
+from tmad_ray.recipe import WEIGHTS, distributions
 from tmad_ray.search import confirm, mlflow_runs, state
 from tmad_ray.search.results import objective_modes, pareto_front, pareto_table, results_table, rows_csv, trial_rows
 from tmad_ray.search.signals import InterruptWatch
@@ -70,7 +71,8 @@ def concurrent_trials(cfg, resources: dict) -> int:
 def check_layer_sets(cfg, student_depth: int, student_grid: tuple[int, int, int] | None = None) -> None:
     """Every layer set must exist in every student the search can build, and the relational term, whose
     weight δ the search always samples, must not be 0 by construction (errors before any trial)."""
-    from tmad_ray.schema import parse_layer_set, relation_grid_problem
+    from tmad_ray.recipe import parse_layer_set
+    from tmad_ray.schema import relation_grid_problem
     from tmad_ray.distill.trimodel import resolve_layer
 
     if student_grid is not None and cfg.distill.relations:
@@ -145,8 +147,7 @@ def progress_reporter(cfg):
                f"best_{s.metric}": "best so far", "train_loss": "loss"}
     for o in s.objectives or []:
         metrics.setdefault(o, o)
-    params = {"trial_number": "#", "alpha": "alpha", "beta": "beta", "gamma": "gamma", "delta": "delta",
-              "temperature": "T", "align_layers": "layers"}
+    params = {"trial_number": "#", **{k: k for k in WEIGHTS}, "temperature": "T", "align_layers": "layers"}
     if s.lr is not None:
         params["lr"] = "lr"
     if s.student_depths:
@@ -301,7 +302,6 @@ def log_results(client, cfg, parent: str, rows: list[dict], front: list[dict], o
     """``results.md`` (and ``pareto.md``) in ``out_dir``; on the parent run, those with ``results.csv``
     and the plots: the Pareto front with several objectives, else Optuna's history and importance."""
     from tmad_ray.plots import optuna_plots, plot_pareto
-    from tmad_ray.search.space import distributions
 
     s = cfg.search
     objectives, _ = objective_modes(cfg)

@@ -14,9 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tmad_ray import tracking
+from tmad_ray import recipe, tracking
 from tmad_ray.search.results import train_summary
-from tmad_ray.search.space import WEIGHTS
 
 CHAMPION = "champion"  # the registered model's alias for the newest study's best student
 
@@ -26,7 +25,6 @@ def log_study_start(client, parent: str, cfg) -> None:
     config (secrets redacted) and the search space."""
     import yaml
 
-    from tmad_ray.search.space import bounds_of
 
     client.set_tag(parent, "mlflow.source.git.commit", git_commit())
     client.set_tag(parent, tracking.NOTE_TAG, f"Study `{cfg.name}`: {cfg.search.num_samples} trials of "
@@ -37,7 +35,7 @@ def log_study_start(client, parent: str, cfg) -> None:
         Path(d, "config.yaml").write_text(yaml.safe_dump(tracking.redact_tree(cfg.model_dump(mode="json")),
                                                          sort_keys=False))
         Path(d, "search_space.json").write_text(json.dumps(
-            {**bounds_of(cfg.search), "log_uniform": list(WEIGHTS), "algorithm": cfg.search.algorithm,
+            {**recipe.bounds_of(cfg.search), "log_uniform": list(recipe.WEIGHTS), "algorithm": cfg.search.algorithm,
              "objectives": cfg.search.objectives or [cfg.search.metric], "mode": cfg.search.mode}, indent=1))
         client.log_artifacts(parent, d)
 
@@ -135,10 +133,10 @@ def register_student(client, cfg, uri: str, study: str, best: dict, run_id: str,
             mlflow.log_metrics(model_metrics, step=int((summary or {}).get("epoch", epoch)), model_id=info.model_id)
         with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered..." itself
             version = int(mlflow.register_model(info.model_uri, name, tags={"study": study}).version)
-    recipe = {k: best[k] for k in (*WEIGHTS, "temperature") if best.get(k) is not None}
+    weights = {k: best[k] for k in (*recipe.WEIGHTS, "temperature") if best.get(k) is not None}
     study_p = study_params(cfg)
-    tags = {**{k: f"{v:.4g}" for k, v in recipe.items()},
-            "align_layers": tracking.layers_param(best["align_layers"]),
+    tags = {**{k: f"{v:.4g}" for k, v in weights.items()},
+            "align_layers": recipe.layers_param(best["align_layers"]),
             "lr": f"{best.get('lr', cfg.train.lr):.3g}", **{k: f"{v:.4f}" for k, v in model_metrics.items()},
             **({"test": test["test"]} if "test" in test else {"test_videos": str(test["test_videos"])}),
             "teacher": m.teacher.name, "assistant": study_p["assistant"],
@@ -147,7 +145,7 @@ def register_student(client, cfg, uri: str, study: str, best: dict, run_id: str,
     for k, v in tracking.redact_params(tags).items():
         client.set_model_version_tag(name, version, k, str(v))
     client.update_model_version(name, version, description=(
-        f"Best student of study `{study}` (trial #{best.get('trial_number')}): {tracking.recipe_short(best)}; "
+        f"Best student of study `{study}` (trial #{best.get('trial_number')}): {recipe.short(best)}; "
         + ", ".join(f"{k} {v:.3f}" for k, v in model_metrics.items())
         + ". Load it with `mlflow.pyfunc.load_model(...)` and predict on a list of video paths."))
     client.update_registered_model(name, description="Video classifiers distilled by tmad_ray (teacher + assistant "

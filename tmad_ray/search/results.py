@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from tmad_ray import tracking
-from tmad_ray.search.space import WEIGHTS
+from tmad_ray.recipe import KEYS, WEIGHTS
 from tmad_ray.storage import Storage
 
 
@@ -32,7 +32,7 @@ def trial_rows(grid, cfg, study: str) -> list[dict]:
         extra = [o for o in (cfg.search.objectives or []) if o != metric]
         ended = (r.metrics or {}).get("timestamp")  # Tune's time of the trial's last report (seconds)
         rows.append({"trial": trial, "trial_number": params.get("trial_number"),
-                     **{k: params.get(k) for k in (*WEIGHTS, "temperature", "align_layers")},
+                     **{k: params.get(k) for k in KEYS},
                      **{k: params[k] for k in ("lr", "student_depth") if k in params},
                      metric: None if best is None else float(best[metric]),
                      **{o: None if best is None else best.get(o) for o in extra},
@@ -75,12 +75,12 @@ def pareto_front(rows: list[dict], objectives: list[str], modes: list[str]) -> l
 
 
 def pareto_table(front: list[dict], objectives: list[str]) -> str:
-    lines = ["| trial | " + " | ".join(objectives) + " | student depth | alpha | beta | gamma | delta | T | layers |",
-             "|---|" + "---:|" * len(objectives) + "---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| trial | " + " | ".join(objectives) + " | student depth | " + " | ".join(WEIGHTS) + " | T | layers |",
+             "|---|" + "---:|" * (len(objectives) + 1 + len(WEIGHTS) + 1) + "---|"]
     for r in sorted(front, key=lambda r: r[objectives[0]], reverse=True):
         lines.append(f"| {r['trial']} | " + " | ".join(f"{r[o]:.3f}" for o in objectives) +
-                     f" | {r.get('student_depth', '-')} | {r['alpha']:.3g} | {r['beta']:.3g} | {r['gamma']:.3g} | "
-                     f"{r['delta']:.3g} | {r['temperature']:.2f} | {r['align_layers']} |")
+                     f" | {r.get('student_depth', '-')} | " + " | ".join(f"{r[k]:.3g}" for k in WEIGHTS) +
+                     f" | {r['temperature']:.2f} | {r['align_layers']} |")
     return "\n".join(lines)
 
 
@@ -88,7 +88,7 @@ def results_table(rows: list[dict], metric: str) -> str:
     has_lr = any("lr" in r for r in rows)
     has_depth = any("student_depth" in r for r in rows)
     has_mean = any(f"{metric}_mean" in r for r in rows)  # trials confirmed on more seeds
-    head = ["#", "trial", "alpha", "beta", "gamma", "delta", "T", "layers", *(["lr"] if has_lr else []),
+    head = ["#", "trial", *WEIGHTS, "T", "layers", *(["lr"] if has_lr else []),
             *(["depth"] if has_depth else []), f"best {metric}", *(["mean over seeds"] if has_mean else []),
             "epochs", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

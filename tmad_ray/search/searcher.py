@@ -22,7 +22,7 @@ import optuna
 from optuna.samplers import BaseSampler
 
 from tmad_ray.search.results import objective_modes
-from tmad_ray.search.space import space_for
+from tmad_ray.recipe import space_for
 
 _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
 

@@ -12,8 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmad_ray import tracking
-from tmad_ray.search.space import apply_params
+from tmad_ray import recipe, tracking
 
 TRIAL_CPU = 1  # the trial function's own CPU (Tune refuses an empty request); its Train workers hold theirs
 
@@ -44,7 +43,7 @@ def trial_fn(params: dict, study: StudyContext) -> None:
     from tmad_ray.train.run import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = apply_params(config_from_dict(study.cfg), params)
+    cfg = recipe.apply(config_from_dict(study.cfg), params)
     # The child run is opened by the study's MLflow queue, in its own process, while Ray Train starts:
     # a slow or absent tracking server delays the run's records, not the trial.
     ray.wait([study.queue.open_child.remote(
@@ -65,16 +64,13 @@ def trial_fn(params: dict, study: StudyContext) -> None:
 
 def child_params(params: dict, cfg) -> dict:
     """What a trial's child run logs as params: the sampled recipe, then what the search does not sample."""
-    logged = {**{k: params[k] for k in sorted(params)}, **fixed_params(cfg)}
-    if "align_layers" in logged:
-        logged["align_layers"] = tracking.layers_param(logged["align_layers"])
-    return logged
+    return recipe.mlflow_params({**{k: params[k] for k in sorted(params)}, **fixed_params(cfg)})
 
 
 def trial_description(params: dict, study: str, trial_id: str) -> str:
     """The run's description in MLflow (markdown): which trial of which study, and its recipe."""
     return (f"Trial #{params.get('trial_number', '?')} of study `{study}` (Tune trial `{trial_id}`): "
-            f"{tracking.recipe_short(params)}")
+            f"{recipe.short(params)}")
 
 
 def fixed_params(cfg) -> dict:
