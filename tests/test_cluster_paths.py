@@ -131,7 +131,7 @@ def test_a_study_on_object_storage_trains_on_node_2_and_its_student_loads_from_t
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mlflow").mkdir()
-    with mlflow_server(tmp_path / "mlflow", extra=("--artifacts-destination", f"s3://{BUCKET}/mlflow")) as url:
+    with mlflow_server(tmp_path / "mlflow", 300, ("--artifacts-destination", f"s3://{BUCKET}/mlflow")) as url:
         rc = main(["tune", "--config", str(EXPERIMENTS_DIR / "smoke.yaml"), f"data.root={synth_root}",
                    "data.synthetic=null", f"storage.clip_cache=s3://{BUCKET}/clips",
                    f"storage.ray_results=s3://{BUCKET}/ray_results", f"storage.output_dir={tmp_path / 'out'}",
@@ -163,3 +163,41 @@ def test_a_study_on_object_storage_trains_on_node_2_and_its_student_loads_from_t
     logs = list((tmp_path / "out").glob("*/trials/*/train_log.jsonl"))
     starts = [json.loads(line) for log in logs for line in log.open() if '"event": "start"' in line]
     assert len(logs) == 2 and starts and {s["node"] for s in starts} == {node2}
+
+
+def test_a_video_node_2_cannot_open_leaves_no_verdict_in_the_shared_cache(two_nodes, s3, synth_root, tmp_path):
+    """A video on the head's own disk, decoded into the S3 clip cache first by a task on node 2 (which
+    cannot see it) and then by one on the head: node 2 reports it with its node and writes nothing,
+    so the head's decode is not refused by a "bad video" verdict in the shared cache."""
+    import shutil
+
+    import ray
+
+    from tmad_ray.data.cache import ClipCache
+    from tmad_ray.data.clips import ViewSpec
+
+    video = two_nodes / "videos" / "only_on_the_head.mp4"
+    video.parent.mkdir(exist_ok=True)
+    shutil.copy(sorted((synth_root / "videos").glob("*.mp4"))[0], video)
+    cache = ClipCache(f"s3://{BUCKET}/verdicts")
+    spec = ViewSpec.from_config(smoke_config(tmp_path, synth_root).data, "train")
+    batch = {"abspath": [str(video)], "key": ["ab" * 20], "video_id": ["videos/only_on_the_head.mp4"],
+             "spec": [spec.__dict__]}
+    def decode_once(cache_uri: str, batch: dict) -> dict:  # defined here: pickled by value for the workers
+        from tmad_ray.data.pipeline import DecodeToCache
+
+        udf = DecodeToCache(cache_uri, 60.0, [])
+        try:
+            return udf(batch)
+        finally:
+            udf.sandbox.close()
+
+    decode = ray.remote(num_cpus=0.5)(decode_once)
+    node2 = ray.get(decode.options(resources={"node2": 0.01}).remote(cache.uri, batch))
+    assert node2["status"][0] == "unreadable" and "(node " in node2["detail"][0] and "not cached" in node2["detail"][0]
+    assert cache.lookup("ab" * 20) == ("missing", None)  # no verdict for every later run and node
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    on_head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    head = ray.get(decode.options(scheduling_strategy=on_head).remote(cache.uri, batch))
+    assert head["status"][0] == "decoded" and cache.lookup("ab" * 20)[0] == "clips"

@@ -19,12 +19,10 @@ import os
 import shutil
 import uuid
 
+from tmad_ray.data.clips import HIDE_ENV
 from tmad_ray.errors import UserError
 
 MARKER = ".tmad_ray_preflight"
-# Test-only: paths (comma-separated prefixes) a node's Ray workers pretend not to see, set in that
-# node's environment by a test's two-node cluster (on one machine every node shares one disk).
-HIDE_ENV = "TMAD_RAY_TEST_HIDDEN_PATHS"
 
 
 class PreflightError(UserError):

@@ -26,6 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+# Test-only: paths (comma-separated prefixes) a node's Ray workers pretend not to see, set in that
+# node's environment by a test's two-node cluster (on one machine every node shares one disk).
+HIDE_ENV = "TMAD_RAY_TEST_HIDDEN_PATHS"
+
 
 class BadVideo(Exception):
     """A video that cannot be used; ``str(e)`` is the reason recorded in the data report."""
@@ -170,6 +174,8 @@ def open_video(path: str):
     import decord
 
     try:
+        if any(path.startswith(h) for h in os.environ.get(HIDE_ENV, "").split(",") if h):
+            raise FileNotFoundError(2, "No such file or directory")  # another node's disk, in a test
         size = os.path.getsize(path)
         if not os.access(path, os.R_OK):
             raise PermissionError(13, "Permission denied")
