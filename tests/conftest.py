@@ -15,6 +15,14 @@ from tmad_ray.data.synthetic import make_dataset  # noqa: E402
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     # Per module, and in modules whose subprocess tests come first: while two local Rays run on one
@@ -23,13 +31,17 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # never the State API address of a Ray an earlier test started and stopped (the cleaner would ask a dead dashboard)
-        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        # The State API address of this Ray, set before it starts as tmad_ray.cluster.init_ray does: with
+        # another Ray on the machine (a study, a benchmark) the cleaner would otherwise not know its own.
+        port = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         # The dashboard stays on: without it, trials that ASHA stops leak their placement groups (Ray 2.60: the dashboard runs the cleaner).
-        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # never the address of a stopped Ray for the next one
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,9 @@ def study_overrides(tmp_path, root, zoo, *extra):
 
 
 def env(**extra):
-    return {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+    # never the State API address of this process's Ray (conftest's ray_local): a subprocess has its own
+    inherited = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}
+    return {**inherited, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
             "PATH": f"{BIN}:{os.environ['PATH']}", **extra}
 
 
