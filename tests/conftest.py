@@ -10,17 +10,10 @@ import pytest  # noqa: E402
 
 from tmad_ray.config import EXPERIMENTS_DIR, load_config  # noqa: E402
 from tmad_ray.data.synthetic import make_dataset  # noqa: E402
+from mlflow_browser import free_port  # noqa: E402
 
 # One auth mode for the driver and the local cluster it starts (Ray 2.59+ may enable tokens).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
