@@ -43,7 +43,7 @@ def study_runs(uri: str, experiment: str = "tmad_ray"):
     return c, parents, children
 
 
-def check_study(tmp_path, n_trials: int, epochs: int, root=None):
+def check_study(tmp_path, n_trials: int, epochs: int, root=None, distinct_ends: bool = True):
     """One parent, one child per trial with its params and per-epoch metrics, nothing left RUNNING,
     each child ended when its trial did and named by its number and recipe, the parent's params
     short, the best student exported (loads with from_pretrained) and registered as an MLflow model
@@ -73,7 +73,8 @@ def check_study(tmp_path, n_trials: int, epochs: int, root=None):
         last_epoch = max(m.timestamp for m in c.get_metric_history(child.info.run_id, "epoch"))
         assert -1000 <= child.info.end_time - last_epoch < 60_000  # its trial's end (Tune's whole seconds)
         ends.append(child.info.end_time)
-    assert len(set(ends)) == n_trials
+    if distinct_ends:
+        assert len(set(ends)) == n_trials
     # every trial's log says where its first seconds went, from the trial's first line to its first step
     for log in (tmp_path / "out").glob("*/trials/*/train_log.jsonl"):
         startup = [json.loads(line) for line in log.open() if '"startup"' in line][0]

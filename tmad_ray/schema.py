@@ -244,6 +244,10 @@ class SearchConfig(_Strict):
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2, gt=1)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    # Students trained side by side in one Ray Train run, sharing batches and frozen forwards (1: each
+    # trial alone); a cohort starts with fewer once no trial has joined for cohort_wait_s.
+    cohort_size: int = Field(1, ge=1)
+    cohort_wait_s: float = Field(5.0, ge=0)
     controller_failure_limit: int = Field(3, ge=0)
 
     @field_validator("alpha", "beta", "gamma", "delta", "temperature", "lr")

@@ -97,3 +97,18 @@ class Storage:
         """Bytes of every file under ``parts``."""
         sel = pafs.FileSelector(self.path(*parts), recursive=True, allow_not_found=True)
         return sum(i.size for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File)
+
+    def copy_dir_to(self, local: "str | os.PathLike", *parts: str):
+        """The directory ``parts`` copied to the local directory ``local`` (replaced); returns its path."""
+        import shutil
+        from pathlib import Path
+
+        if self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.Directory:
+            raise FileNotFoundError(self.uri(*parts))
+        out = Path(local)
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        pafs.copy_files(self.path(*parts), str(out), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return out

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from tmad_ray.config import durable_base, in_ray_job_copy
+from tmad_ray.errors import UserError
 from tmad_ray.recipe import WEIGHTS
 
 
@@ -57,7 +58,57 @@ def prepare_study(cfg, quiet: bool = False):
                                    models["student"].config.num_hidden_layers, manifest.labels,
                                    workers=cfg.train.num_workers)
         report.targets_key = stats["key"]
+    if cfg.search.cohort_size > 1:
+        check_cohort_memory(cfg, models)
     return manifest, report, models
+
+
+class CohortTooBig(UserError):
+    pass
+
+
+def check_cohort_memory(cfg, models: dict) -> int:
+    """Refuse a ``search.cohort_size`` whose estimated peak (``train.cohort.peak_bytes``) does not fit a
+    training worker: the memory is asked of a task placed as a worker is (its GPU's, or its node's
+    available RAM shared by the run's workers there). Returns the estimate in bytes."""
+    import ray
+
+    from tmad_ray.train.cohort import largest_fitting, peak_bytes
+
+    t, size = cfg.train, cfg.search.cohort_size
+    probe = ray.remote(num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0,
+                       resources=dict(t.worker_resources) or None)(worker_memory)
+    budget = ray.get(probe.remote(t.use_gpu, t.cpus_per_worker, t.num_workers), timeout=300)
+    need = peak_bytes(cfg, models, size)
+    if need > 0.9 * budget:
+        fits = largest_fitting(cfg, models, budget)
+        kind = "GPU memory" if t.use_gpu else "RAM"
+        raise CohortTooBig(
+            f"search.cohort_size {size}: a cohort of {size} students needs about {need / 2**30:.1f} GiB a worker "
+            f"(the frozen models once, each student's weights, gradients and AdamW moments, one student's "
+            f"activations), and a worker has {budget / 2**30:.1f} GiB of {kind}: "
+            + (f"use search.cohort_size {fits} or fewer" if fits else
+               "not even one student fits; lower train.batch_size"))
+    return need
+
+
+def worker_memory(use_gpu: bool, cpus_per_worker: float, num_workers: int) -> float:
+    """Bytes a training worker has: its GPU's total memory, or its node's available RAM shared by the
+    run's workers that fit on the node."""
+    import os
+
+    if use_gpu:
+        import torch
+
+        return float(torch.cuda.mem_get_info()[1])
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        pass
+    sharing = max(1, min(num_workers, int((os.cpu_count() or 1) // max(cpus_per_worker, 1e-9))))
+    return available / sharing
 
 
 def search_plan(cfg, manifest, report) -> str:
@@ -81,6 +132,9 @@ def search_plan(cfg, manifest, report) -> str:
         f"{''.join(f' + {v:g} {k}' for k, v in t.worker_resources.items())}, "
         f"{t.epochs} epochs, batch {t.batch_size}; defaults alpha={d.alpha} beta={d.beta} gamma={d.gamma} "
         f"delta={d.delta} T={d.temperature} layers={d.align_layers}",
+        *([f"  cohorts   up to {s.cohort_size} students trained side by side in one Ray Train run (the batches and "
+             f"the frozen forwards shared); a cohort starts {s.cohort_wait_s:g} s after the last trial joined"]
+          if s.cohort_size > 1 else []),
         f"  tracking  {redact(resolve_tracking_uri(cfg.tracking))} (experiment {cfg.tracking.experiment!r})",
         f"  outputs   {cfg.storage.output_dir}; checkpoints {redact(cfg.storage.ray_results)}",
     ]

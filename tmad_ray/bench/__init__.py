@@ -22,3 +22,18 @@ def seed_facts(manifest, t_start: float, seeds: list[int]) -> dict:
     return {"videos": {split: len(rows) for split, rows in manifest.rows.items()}, "chance": 1 / len(manifest.labels),
             "benchmark_minutes": (time.time() - t_start) / 60, "seeds_planned": seeds,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+
+
+def in_fresh_process(target, args: tuple, what: str) -> dict:
+    """``target(*args, queue)`` in a spawned process, so that its peak memory is its own; returns what
+    it put on the queue (``what`` names it in the error when the process fails)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        raise RuntimeError(f"{what} failed (exit code {p.exitcode})")
+    return q.get()

@@ -17,7 +17,6 @@ by torch, on CPU the process's peak RSS (models, warm-up and steps).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import platform
 import resource
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from tmad_ray.bench import write_result
+from tmad_ray.bench import in_fresh_process, write_result
 
 REAL_ARCH = {"vit-s": (12, 384, 6), "vit-b": (12, 768, 12)}
 
@@ -166,7 +165,7 @@ def _time_steps(step, steps: int, warmup: int, device) -> tuple[list[float], flo
 
 def _cached_targets(tri, x, d) -> tuple[dict, torch.Tensor | None]:
     """Targets shaped as ``targets.TargetReader`` returns them, from one real forward of each frozen model."""
-    from tmad_ray.distill.targets import frozen_targets
+    from tmad_ray.distill.trimodel import frozen_targets
     from tmad_ray.distill.trimodel import token_grid
 
     grid = token_grid(tri.core.student.config)
@@ -201,16 +200,10 @@ def run_step_bench(cfg, out: str, steps: int = 10, warmup: int = 2, attn_ks: lis
         if not 1 <= k <= depth:
             raise ValueError(f"--attn-layers {k}: the student has {depth} blocks")
     threads = threads or torch.get_num_threads()
-    ctx = mp.get_context("spawn")
     rows = []
     for v in variants(cfg, attn_ks):
-        q = ctx.Queue()
-        p = ctx.Process(target=_run_variant, args=(cfg.model_dump(), v, steps, warmup, threads, q))
-        p.start()
-        p.join()
-        if p.exitcode != 0:
-            raise RuntimeError(f"bench step: variant {v['name']} failed (exit code {p.exitcode})")
-        rows.append(q.get())
+        rows.append(in_fresh_process(_run_variant, (cfg.model_dump(), v, steps, warmup, threads),
+                                     f"bench step: variant {v['name']}"))
         print(f"  {rows[-1]['name']:<34} {rows[-1]['ms']:8.1f} ms  {rows[-1]['peak_mb']:8.0f} MB", flush=True)
     base = rows[0]["ms"]
     for r in rows:

@@ -37,8 +37,7 @@ import torch
 
 from tmad_ray.data.augment import AUG_VERSION, aug_params, crop_flip
 from tmad_ray.data.cache import ClipCache
-from tmad_ray.distill import losses
-from tmad_ray.distill.trimodel import capture, map_layer, resolve_layer, same_labels, token_grid
+from tmad_ray.distill.trimodel import frozen_targets, map_layer, resolve_layer, same_labels, token_grid
 from tmad_ray.errors import UserError
 from tmad_ray.storage import Storage
 
@@ -103,23 +102,6 @@ class TargetCache:
 
     def size_bytes(self) -> int:
         return self.store.size_bytes("targets", self.key)
-
-
-@torch.no_grad()
-def frozen_targets(model: torch.nn.Module, pixel_values: torch.Tensor, layers: list[int], grid_shape, time_cells: int,
-                   space_cells: int, attn: bool, query_idx: torch.Tensor | None, logits: bool) -> dict:
-    """What a frozen model teaches at ``layers`` (1-based, its own numbering), batched and fp16:
-    ``feats``/``grid``/``attn`` as ``{layer: [B, ...]}`` and ``logits [B,C]``."""
-    with capture(model, layers, layers if attn else []) as store:
-        out = model(pixel_values=pixel_values)
-    res = {"feats": {j: store["feats"][j].half() for j in layers},
-           "grid": {j: losses.pool_grid(store["feats"][j], grid_shape, time_cells, space_cells).half() for j in layers}}
-    if attn:
-        heads = model.config.num_attention_heads
-        res["attn"] = {j: losses.attention_map(store["q"][j], store["k"][j], heads, query_idx).half() for j in layers}
-    if logits:
-        res["logits"] = out.logits.half()
-    return res
 
 
 def plan(cfg, student_depth: int, frozen: dict[str, torch.nn.Module], labels: list[str]) -> dict:

@@ -80,6 +80,26 @@ def capture(model: nn.Module, feat_layers: list[int], attn_layers: list[int]):
             h.remove()
 
 
+@torch.no_grad()
+def frozen_targets(model: nn.Module, pixel_values: torch.Tensor, layers: list[int], grid_shape, time_cells: int,
+                   space_cells: int, attn: bool, query_idx: torch.Tensor | None, logits: bool,
+                   half: bool = True) -> dict:
+    """What a frozen model teaches at ``layers`` (1-based, its own numbering), batched:
+    ``feats``/``grid``/``attn`` as ``{layer: [B, ...]}`` and ``logits [B,C]``, in fp16 for the target
+    cache (``half``), else as computed (a cohort's shared targets, ``shared_targets``)."""
+    cast = (lambda t: t.half()) if half else (lambda t: t)
+    with capture(model, layers, layers if attn else []) as store:
+        out = model(pixel_values=pixel_values)
+    res = {"feats": {j: cast(store["feats"][j]) for j in layers},
+           "grid": {j: cast(losses.pool_grid(store["feats"][j], grid_shape, time_cells, space_cells)) for j in layers}}
+    if attn:
+        heads = model.config.num_attention_heads
+        res["attn"] = {j: cast(losses.attention_map(store["q"][j], store["k"][j], heads, query_idx)) for j in layers}
+    if logits:
+        res["logits"] = cast(out.logits)
+    return res
+
+
 @dataclass
 class Needs:
     """Which terms are on (their weight > 0), so nothing unused is computed or created."""
@@ -238,9 +258,12 @@ class TriModel(nn.Module):
         checkpoint draws the same rows as an unbroken one); None when every row is used."""
         n = self.grid[0] * self.grid[1] * self.grid[2]
         k = self.cfg.attn_query_tokens
-        if not self.needs.attn or k is None or k >= n:
+        if k is None or k >= n:
             return None
-        return torch.randperm(n, generator=gen)[:k].to(device)
+        # drawn whether or not this recipe's γ is on, so that every recipe of a study (and every
+        # student of a cohort) draws the same crops from ``gen`` afterwards
+        rows = torch.randperm(n, generator=gen)[:k].to(device)
+        return rows if self.needs.attn else None
 
     def _grid(self, tokens: torch.Tensor) -> torch.Tensor:
         time = self.cfg.asym_time or self.grid[0]
@@ -271,3 +294,29 @@ class TriModel(nn.Module):
                                     label_smoothing=d.label_smoothing, relations=d.relations)
         out["logits"] = student["logits"]
         return out
+
+
+def shared_targets(tris: list[TriModel], pixel_values: torch.Tensor, query_idx: torch.Tensor | None) -> dict:
+    """One forward of each frozen model for a cohort's students ``tris`` (which hold the same frozen
+    model objects), at every layer any of them reads, shaped as the target cache's entries are read
+    (``{model: {"feats"|"grid"|"attn": {layer: [B,...]}, "logits": [B,C]}}``): each student passes it
+    as ``cached`` to its own forward. Kept as computed (fp32 on CPU), so a student's loss and
+    gradients are exactly those it gets alone."""
+    wanted: dict[str, dict] = {}
+    for tri in tris:
+        for name, f in tri.frozen.items():
+            w = wanted.setdefault(name, {"model": f.model, "layers": set(), "attn": False, "logits": False})
+            if w["model"] is not f.model:
+                raise ValueError(f"a cohort's students must share one {name} model, not copies")
+            w["layers"] |= set(f.layers) | {f.last}
+            w["attn"] |= f.needs.attn
+            w["logits"] |= f.teaches_logits
+    if not wanted:
+        return {}
+    first = tris[0]
+    grid, d = first.grid, first.cfg
+    if any((t.grid, t.cfg.asym_time, t.cfg.asym_space) != (grid, d.asym_time, d.asym_space) for t in tris):
+        raise ValueError("a cohort's students must share the token grid and distill.asym_time/asym_space")
+    return {name: frozen_targets(w["model"], pixel_values, sorted(w["layers"]), grid, d.asym_time or grid[0],
+                                 d.asym_space, w["attn"], query_idx, w["logits"], half=False)
+            for name, w in wanted.items()}

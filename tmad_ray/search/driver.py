@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -22,11 +23,11 @@ from pathlib import Path
 from tmad_ray import tracking, tracking_queue
 from tmad_ray.errors import UserError
 from tmad_ray.recipe import WEIGHTS, distributions
-from tmad_ray.search import confirm, mlflow_runs, state
+from tmad_ray.search import cohorts, confirm, mlflow_runs, state
 from tmad_ray.search.results import objective_modes, pareto_front, pareto_table, results_table, rows_csv, trial_rows
 from tmad_ray.search.signals import InterruptWatch
 from tmad_ray.search.state import STATE_FILE
-from tmad_ray.search.trial import TRIAL_CPU, StudyContext, trial_fn
+from tmad_ray.search.trial import COHORT_TRIAL_CPU, TRIAL_CPU, StudyContext, trial_fn
 from tmad_ray.storage import Storage
 
 
@@ -58,11 +59,14 @@ class StudyOutcome:
 
 
 def concurrent_trials(cfg, resources: dict) -> int:
-    """How many trials the cluster runs at once: CPUs (one kept free) and GPUs per trial."""
-    t = cfg.train
-    k = max(1, int((resources.get("CPU", 1) - 1) // (t.num_workers * t.cpus_per_worker + TRIAL_CPU)))
+    """How many trials the cluster runs at once: CPUs (one kept free) and GPUs per Ray Train run, one
+    run per trial or per cohort of ``search.cohort_size`` trials."""
+    t, size = cfg.train, cfg.search.cohort_size
+    per_run = t.num_workers * t.cpus_per_worker + (TRIAL_CPU if size == 1 else size * COHORT_TRIAL_CPU)
+    k = max(1, int((resources.get("CPU", 1) - 1) // per_run))
     if t.use_gpu:
         k = min(k, max(1, int(resources.get("GPU", 0) // t.num_workers)))
+    k *= size
     if cfg.search.max_concurrent_trials:
         k = min(k, cfg.search.max_concurrent_trials)
     return k
@@ -121,9 +125,13 @@ def build_tuner(cfg, study: StudyContext, max_concurrent: int, resume_path: str 
 
     from tmad_ray.search.searcher import build_searcher  # imports Optuna: only when a study starts
 
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_fn, study=study), {"CPU": TRIAL_CPU})
+    cpu = TRIAL_CPU if study.hub is None else COHORT_TRIAL_CPU  # a cohort's trial only relays its epochs
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_fn, study=study), {"CPU": cpu})
     if resume_path is not None:
         return ray.tune.Tuner.restore(resume_path, trainable=trainable, resume_errored=True)
+    callbacks = [tracking_queue.watch(study.name)]
+    if study.hub is not None:
+        callbacks.append(cohorts.watch(study.name))
     searcher, scheduler = build_searcher(cfg)
     return ray.tune.Tuner(
         trainable,
@@ -132,7 +140,7 @@ def build_tuner(cfg, study: StudyContext, max_concurrent: int, resume_path: str 
         run_config=ray.tune.RunConfig(name=study.name, storage_path=cfg.storage.ray_results,
                                       failure_config=ray.tune.FailureConfig(max_failures=1), verbose=1,
                                       progress_reporter=progress_reporter(cfg),
-                                      callbacks=[tracking_queue.watch(study.name)]),
+                                      callbacks=callbacks),
     )
 
 
@@ -176,6 +184,8 @@ def run_study(cfg, manifest, report, resources: dict, resume: str | bool | None 
             import ray
 
             ray.kill(queue)
+            with contextlib.suppress(ValueError):  # ValueError: no cohorts in this study
+                ray.kill(ray.get_actor(cohorts.actor_name(name)))
     finally:
         state.release_lock(results, name)
 
@@ -186,9 +196,12 @@ def _run(cfg, manifest, report, resources, name, resuming, results, client, uri,
     exp_dir, out_dir = results.uri(name), Path(cfg.storage.output_dir) / name
     study = StudyContext(name, cfg.model_dump(), manifest, report, exp_id, parent, str(out_dir / "trials"),
                          results.uri(name, "train"), queue)
-    k = concurrent_trials(cfg, resources)
+    k, size = concurrent_trials(cfg, resources), cfg.search.cohort_size
+    if size > 1:
+        study.hub = cohorts.start(study, size, cfg.search.cohort_wait_s, max(1, k // size), cfg.storage.ray_results)
     say(f"study {name}: {cfg.search.num_samples} trials, up to {k} at a time "
-        f"({cfg.train.num_workers} DDP workers each); Ray results in {exp_dir}")
+        + (f"in cohorts of up to {size} students, " if size > 1 else "(")
+        + f"{cfg.train.num_workers} DDP workers {'a cohort' if size > 1 else 'each)'}; Ray results in {exp_dir}")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's classic table: the only one that takes chosen columns
     tuner = build_tuner(cfg, study, k, exp_dir if resuming else None)
     grid = None
@@ -326,8 +339,12 @@ def export_trial_student(cfg, study: str, trial: str, out: Path) -> Path:
     copied to ``out``."""
     import ray.train
 
+    from tmad_ray.train.cohort import BEST_DIR
     from tmad_ray.train.run import export_best
 
-    result = ray.train.Result.from_path(Storage(cfg.storage.ray_results).uri(study, "train", trial))
+    results = Storage(cfg.storage.ray_results)
+    if (cohort := cohorts.cohort_of(cfg.storage.ray_results, study, trial)) is not None:
+        return results.copy_dir_to(out, study, "train", cohort, BEST_DIR, trial)
+    result = ray.train.Result.from_path(results.uri(study, "train", trial))
     _, student = export_best(result, out, cfg.search.metric, cfg.search.mode)
     return student

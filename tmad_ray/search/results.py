@@ -45,7 +45,11 @@ def train_summary(cfg, study: str, trial: str) -> tuple[dict | None, int]:
     """(metrics of the best checkpoint, last epoch) of a trial's Train run; (None, 0) if it has none."""
     import ray.train
 
+    from tmad_ray.search.cohorts import cohort_of
+
     storage = Storage(cfg.storage.ray_results)
+    if (cohort := cohort_of(cfg.storage.ray_results, study, trial)) is not None:
+        return cohort_summary(cfg, storage, study, cohort, trial)
     if not storage.is_file(study, "train", trial, "checkpoint_manager_snapshot.json"):
         return None, 0
     result = ray.train.Result.from_path(storage.uri(study, "train", trial))
@@ -54,6 +58,21 @@ def train_summary(cfg, study: str, trial: str) -> tuple[dict | None, int]:
         return None, 0
     pick = max if cfg.search.mode == "max" else min
     return pick(kept, key=lambda m: m[cfg.search.metric]), int((result.metrics or {}).get("epoch", 0))
+
+
+def cohort_summary(cfg, storage: Storage, study: str, cohort: str, trial: str) -> tuple[dict | None, int]:
+    """``train_summary`` for a student of a cohort: its best so far (the epoch exported under
+    ``best/``) and its last epoch, from the status its run keeps beside its checkpoints."""
+    from tmad_ray.train.cohort_loop import COHORT_FILE
+
+    saved = storage.read_bytes(study, "train", cohort, COHORT_FILE)
+    member = json.loads(saved)["members"].get(trial) if saved else None
+    if member is None:
+        return None, 0
+    ran = int(member["last"].get("epoch", 0))
+    names = dict.fromkeys([cfg.search.metric, *(cfg.search.objectives or [])])
+    best = {k: member["best"][f"best_{k}"] for k in names if f"best_{k}" in member["best"]}
+    return (best if cfg.search.metric in best else None), ran
 
 
 def objective_modes(cfg) -> tuple[list[str], list[str]]:

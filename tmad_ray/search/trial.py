@@ -15,6 +15,7 @@ from pathlib import Path
 from tmad_ray import recipe, tracking
 
 TRIAL_CPU = 1  # the trial function's own CPU (Tune refuses an empty request); its Train workers hold theirs
+COHORT_TRIAL_CPU = 0.01  # a cohort's trial function: it waits for its student's epochs and relays them
 
 
 @dataclass
@@ -31,6 +32,7 @@ class StudyContext:
     trials_dir: str           # <output_dir>/<study>/trials: each trial's train_log.jsonl
     train_storage: str        # Ray Train's storage_path for the trials' runs (local or a URI)
     queue: object             # the study's MLflow queue (``tmad_ray.tracking_queue``), an actor handle
+    hub: object = None        # with search.cohort_size > 1: the study's cohort hub (``tmad_ray.search.cohorts``)
 
 
 def trial_fn(params: dict, study: StudyContext) -> None:
@@ -50,6 +52,11 @@ def trial_fn(params: dict, study: StudyContext) -> None:
         study.experiment_id, study.parent_run_id, study.name, trial_id, tracking.trial_run_name(params),
         trial_description(params, study.name, trial_id), params.get("trial_number"), child_params(params, cfg))],
         timeout=10)
+    if study.hub is not None:  # trained in a cohort: the hub's run trains it, this relays its epochs
+        from tmad_ray.search.cohorts import join_and_relay
+
+        join_and_relay(study.hub, trial_id, params)
+        return
     trial_dir = Path(study.trials_dir) / trial_id
     trainer = build_trainer(cfg, study.manifest, study.report, name=trial_id,
                             callbacks=[TuneReportCallback()], log_path=str(trial_dir / "train_log.jsonl"),

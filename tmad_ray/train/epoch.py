@@ -78,23 +78,33 @@ def optimizer_step(w, grad_clip: float | None) -> None:
     w.optimizer.zero_grad(set_to_none=True)
 
 
-@torch.no_grad()
 def evaluate_shard(w) -> dict:
     """Per-video view-averaged predictions on this rank's val videos (``w.val_shard``): the confusion
     matrix ``[C, C]``, the summed NLL and the video count (all to be all-reduced)."""
-    student = w.tri.core.student
-    student.eval()
-    ids, probs, ys = [], [], []
+    return evaluate_students(w, [w.tri.core.student])[0]
+
+
+@torch.no_grad()
+def evaluate_students(w, students: list) -> list[dict]:
+    """``evaluate_shard`` for several students at once (a cohort's): the val clips are read once."""
+    for s in students:
+        s.eval()
+    ids, probs, ys = [], [[] for _ in students], []
     for batch in w.val_shard.batches(w.cfg.train.batch_size):
         x = normalize(torch.as_tensor(batch["clip"]).to(w.device))
         with w.autocast():
-            probs.append(ev.predict_probs(student, x).cpu().numpy())
+            for i, s in enumerate(students):
+                probs[i].append(ev.predict_probs(s, x).cpu().numpy())
         ids += list(batch["video_id"])
         ys.append(batch["label"])
-    student.train()
+    for s in students:
+        s.train()
     c = len(w.labels)
     if not ids:
-        return {"confusion": np.zeros((c, c)), "nll": 0.0, "videos": 0}
-    _, p, y = ev.average_views(ids, np.concatenate(probs), np.concatenate(ys))
-    nll = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).sum())
-    return {"confusion": ev.confusion(y, p.argmax(1), c), "nll": nll, "videos": len(y)}
+        return [{"confusion": np.zeros((c, c)), "nll": 0.0, "videos": 0} for _ in students]
+    out = []
+    for p in probs:
+        _, p, y = ev.average_views(ids, np.concatenate(p), np.concatenate(ys))
+        nll = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).sum())
+        out.append({"confusion": ev.confusion(y, p.argmax(1), c), "nll": nll, "videos": len(y)})
+    return out

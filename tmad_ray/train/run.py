@@ -17,8 +17,9 @@ from tmad_ray.train.worker import STUDENT_DIR, RunSpec
 
 
 def run_spec(cfg, manifest, report, log_path: str | None, mlflow_run: dict | None = None,
-             started_at: float | None = None, fit_at: float | None = None) -> RunSpec:
-    """What every worker needs, all plain data (it travels to the workers)."""
+             started_at: float | None = None, fit_at: float | None = None, cohort: dict | None = None) -> RunSpec:
+    """What every worker needs, all plain data (it travels to the workers), and for a cohort its
+    recipes, hub and trials' log directory."""
     targets = report.targets_key if cfg.distill.cache_targets else None
     label_of = {split: {r.path: manifest.label2id[r.label] for r in manifest.rows[split]} for split in ("train", "val")}
     return RunSpec(cfg=cfg.model_dump(), labels=list(manifest.labels),
@@ -27,23 +28,31 @@ def run_spec(cfg, manifest, report, log_path: str | None, mlflow_run: dict | Non
                    val_labels={v: label_of["val"][v] for v in report.entries["val"]},
                    log_path=log_path, mlflow=mlflow_run, targets_key=targets,
                    # the loop logs its start-up phases from when the run began on the driver's side
-                   started_at=started_at or time.time(), fit_at=fit_at)
+                   started_at=started_at or time.time(), fit_at=fit_at, **(cohort or {}))
 
 
 def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = None, log_path: str | None = None,
                   mlflow_run: dict | None = None, storage_path: str | None = None, started_at: float | None = None,
-                  fit_at: float | None = None):
+                  fit_at: float | None = None, cohort: dict | None = None):
     """A ``TorchTrainer`` over the cached train/val clips; a run of the same ``name`` in the same
     storage resumes from its latest checkpoint (Ray Train V2). Each worker reads its own share of
-    the clip cache (``tmad_ray.data.loader``), in a seeded order that changes every epoch."""
+    the clip cache (``tmad_ray.data.loader``), in a seeded order that changes every epoch.
+    ``cohort`` (``{"recipes": {trial: recipe}, "hub": ..., "trials_dir": ...}``): the run trains
+    those students side by side (``train.cohort_loop``); its checkpoints are kept newest first
+    (each student's best is exported as it improves, under ``best/``)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from tmad_ray.train.cohort_loop import cohort_loop_per_worker
+
     t = cfg.train
+    # kept and picked by what the search optimizes, the same number the searcher is told
+    score = {} if cohort else {"checkpoint_score_attribute": cfg.search.metric,
+                               "checkpoint_score_order": cfg.search.mode}
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.worker_resources}
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": run_spec(cfg, manifest, report, log_path, mlflow_run, started_at, fit_at)},
+        cohort_loop_per_worker if cohort else train_loop_per_worker,
+        train_loop_config={"spec": run_spec(cfg, manifest, report, log_path, mlflow_run, started_at, fit_at, cohort)},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
@@ -52,10 +61,7 @@ def build_trainer(cfg, manifest, report, name: str, callbacks: list | None = Non
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not every report's metrics
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures,
                                                    controller_failure_limit=cfg.search.controller_failure_limit),
-            # kept and picked by what the search optimizes, the same number the searcher is told
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep,
-                                                         checkpoint_score_attribute=cfg.search.metric,
-                                                         checkpoint_score_order=cfg.search.mode)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep, **score)),
     )
 
 

@@ -45,6 +45,11 @@ class RunSpec:
     targets_key: str | None = None  # the frozen-target cache, with distill.cache_targets
     started_at: float | None = None  # when the run began on the driver's side (the trial's first line)
     fit_at: float | None = None     # when the trial function handed over to TorchTrainer.fit()
+    # a cohort (``search.cohort_size`` > 1): each student's recipe by its trial id, the study's
+    # cohort hub (``tmad_ray.search.cohorts``, an actor handle) and where its trials log
+    recipes: dict[str, dict] | None = None
+    hub: object | None = None
+    trials_dir: str | None = None
 
 
 @dataclass
@@ -57,15 +62,16 @@ class Worker:
     world: int
     device: torch.device
     autocast: object                # () -> context manager: bf16 autocast on CUDA, nothing on CPU
-    tri: TriModel
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    tri: TriModel | None            # None in a cohort's worker: each of its members has its own
+    optimizer: torch.optim.Optimizer | None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     train_shard: TrainShard
     val_shard: EvalShard
     targets: TargetReader | None    # cached frozen targets, or None: the frozen models run every step
     fault: object                   # test-only: (epoch, step) -> None, may kill the process
     run_log: "RunLog"
     once: dict = field(default_factory=dict)  # per attempt: shard overlap, student latency
+    members: list = field(default_factory=list)  # a cohort's students (tmad_ray.train.cohort.Member); tri is None
 
 
 def build_trimodel(cfg, labels: list[str]) -> TriModel:
@@ -74,6 +80,9 @@ def build_trimodel(cfg, labels: list[str]) -> TriModel:
 
     torch.manual_seed(cfg.train.seed)  # DDP broadcasts rank 0's weights anyway; this makes runs repeatable
     models = load_models(cfg, labels, ("student", *frozen_roles(cfg.distill)))
+    # the projectors from a seed of their own, not from what loading the frozen models drew: a cohort's
+    # student (which loads none of them) starts from the same projectors as it does alone
+    torch.manual_seed(cfg.train.seed + 1)
     return TriModel(models["student"], models.get("teacher"), models.get("assistant"), cfg.distill, labels)
 
 
@@ -104,23 +113,15 @@ def setup_worker(cfg, spec: RunSpec, rank: int, world: int, device: torch.device
     """Models (``prepare_model``: Ray Train's, DDP when world > 1), optimizer, schedule, shards and
     targets, restored from ``checkpoint`` (Ray Train's, or None). Returns the worker and the
     checkpoint's state (None for a fresh run); times its phases into ``phases``."""
-    t = cfg.train
     mark = time.time()
     tri = build_trimodel(cfg, spec.labels)
     phases["models_s"], mark = time.time() - mark, time.time()
     # student + projectors: to the device, DDP when world > 1 (see ddp_kwargs for unused parameters)
     tri.wrap(lambda m: prepare_model(m, parallel_strategy_kwargs=ddp_kwargs(cfg)))
     phases["ddp_s"], mark = time.time() - mark, time.time()
-    optimizer = torch.optim.AdamW(param_groups(tri, t.weight_decay, t.decay_all_params), lr=t.lr)
-    train_shard = TrainShard(cfg.storage.clip_cache, spec.train_entries, spec.train_labels, rank=rank, world=world,
-                             seed=t.seed, views=cfg.data.cached_train_views, epoch_views=cfg.data.train_views,
-                             clip_bytes=train_clip_bytes(cfg),
-                             batch_size=t.batch_size, hold_mb=t.hold_in_memory_mb, window_clips=t.shuffle_window_clips,
-                             redecode=redecoder(cfg, "train"))
-    val_shard = EvalShard(cfg.storage.clip_cache, spec.val_entries, spec.val_labels, rank=rank, world=world,
-                          hold_mb=t.hold_in_memory_mb, redecode=redecoder(cfg, "eval"))
-    steps = math.ceil(train_shard.steps / t.grad_accum) * t.epochs  # optimizer steps of the run
-    scheduler = cosine_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
+    optimizer = adamw(cfg, tri)
+    train_shard, val_shard = make_shards(cfg, spec, rank, world)
+    scheduler = schedule(cfg, optimizer, train_shard.steps)
     state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -141,6 +142,32 @@ def setup_worker(cfg, spec: RunSpec, rank: int, world: int, device: torch.device
                targets, kill_switch(cfg, rank), RunLog(spec.log_path if rank == 0 else None))
     phases["data_and_checkpoint_s"] = time.time() - mark
     return w, state
+
+
+def adamw(cfg, tri: TriModel) -> torch.optim.Optimizer:
+    """AdamW over the student and projectors, at ``train.lr`` (a recipe's own lr when searched)."""
+    t = cfg.train
+    return torch.optim.AdamW(param_groups(tri, t.weight_decay, t.decay_all_params), lr=t.lr)
+
+
+def schedule(cfg, optimizer, shard_steps: int):
+    """Warm-up and cosine decay over the run's optimizer steps (``shard_steps`` micro-batches an epoch)."""
+    t = cfg.train
+    steps = math.ceil(shard_steps / t.grad_accum) * t.epochs
+    return cosine_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
+
+
+def make_shards(cfg, spec: RunSpec, rank: int, world: int) -> tuple[TrainShard, EvalShard]:
+    """This rank's share of the cached train clips (a seeded order that changes every epoch) and val clips."""
+    t = cfg.train
+    train_shard = TrainShard(cfg.storage.clip_cache, spec.train_entries, spec.train_labels, rank=rank, world=world,
+                             seed=t.seed, views=cfg.data.cached_train_views, epoch_views=cfg.data.train_views,
+                             clip_bytes=train_clip_bytes(cfg),
+                             batch_size=t.batch_size, hold_mb=t.hold_in_memory_mb, window_clips=t.shuffle_window_clips,
+                             redecode=redecoder(cfg, "train"))
+    val_shard = EvalShard(cfg.storage.clip_cache, spec.val_entries, spec.val_labels, rank=rank, world=world,
+                          hold_mb=t.hold_in_memory_mb, redecode=redecoder(cfg, "eval"))
+    return train_shard, val_shard
 
 
 def save_checkpoint(w: Worker, epoch: int, metrics: dict, directory: str) -> None:
