@@ -9,7 +9,7 @@ PIP_TOOLS := pip-tools==7.7.0
 TORCH = $(shell grep -m1 '^torch==' $(LOCK))
 
 .DELETE_ON_ERROR:  # a set-up step that failed leaves no target behind, so the next make runs it again
-.PHONY: demo test test-fast bench bench-quality bench-setup bench-ttq bench-peer bench-gpu rehearse venv browser clean screenshots lock lock-check
+.PHONY: demo test test-fast bench bench-quality bench-setup bench-ttq bench-peer bench-cohort bench-gpu rehearse venv browser clean screenshots lock lock-check
 
 # One line and exit 1 when the lock is stale (pyproject.toml edited) or was made for another Python.
 lock-check:
@@ -88,6 +88,12 @@ rehearse: venv
 	$(BIN)/tmad-ray rehearse --out bench/rehearse.json --dir rehearse
 
 # On a machine with a GPU (a few minutes).
+# Cohort trials (search.cohort_size): a step at K = 1, 2, 4, 8 (~10 min), then time to quality in
+# cohorts of 3 against the seed's way, 5 seeds (~35 min).
+bench-cohort: venv
+	$(BIN)/tmad-ray bench cohort --out bench/cohort.json
+	$(BIN)/tmad-ray bench time-to-quality --seeds 0,1,2,3,4 --out bench/time_to_quality_cohort3.json search.cohort_size=3
+
 bench-gpu: venv
 	$(BIN)/tmad-ray bench gpu --out bench/gpu.json
 

@@ -83,6 +83,14 @@ def cmd_bench_gpu(args) -> int:
     return 0
 
 
+def cmd_bench_cohort(args) -> int:
+    from tmad_ray.bench.cohort import run_cohort_bench
+
+    cfg = load_config(args.config, args.overrides)
+    run_cohort_bench(cfg, out=args.out, steps=args.steps, rehearsal_steps=args.rehearsal_steps, threads=args.threads)
+    return 0
+
+
 def cmd_rehearse(args) -> int:
     from tmad_ray.bench.rehearse import run_rehearsal
 
@@ -91,7 +99,7 @@ def cmd_rehearse(args) -> int:
 
 
 def add_bench_commands(sub, config_args) -> None:
-    """``bench`` (data, step, search, time-to-quality, peer, startup, gpu, quality) and ``rehearse`` on the
+    """``bench`` (data, step, search, cohort, time-to-quality, peer, startup, gpu, quality) and ``rehearse`` on the
     top-level subparsers ``sub``; ``config_args(parser, default)`` adds ``--config`` and overrides."""
     bench = sub.add_parser("bench", help="benchmarks (results as JSON)").add_subparsers(dest="bench_cmd", required=True)
     p = bench.add_parser("data", help="clips/s: per-step decode vs Ray Data decode vs clip cache")
@@ -121,6 +129,14 @@ def add_bench_commands(sub, config_args) -> None:
     p.add_argument("--out", default="bench/startup.json")
     p.add_argument("--trials", type=int, default=4, help="empty trials per variant")
     p.set_defaults(fn=cmd_bench_startup)
+    p = bench.add_parser("cohort", help="a cohort's training step at K = 1, 2, 4, 8 students: time per student, "
+                         "the frozen forwards' share, peak memory, students/hour (embedded and rehearsal shapes)")
+    p.add_argument("--out", default="bench/cohort.json")
+    p.add_argument("--steps", type=int, default=5, help="timed steps at the embedded default's shapes")
+    p.add_argument("--rehearsal-steps", type=int, default=2, help="timed steps at the rehearsal's shapes")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    config_args(p)
+    p.set_defaults(fn=cmd_bench_cohort)
     p = bench.add_parser("gpu", help="tri-model step at real sizes on one GPU: clips/s and MFU (--tiny: CPU)")
     p.add_argument("--out", default="bench/gpu.json")
     p.add_argument("--tiny", action="store_true", help="toy sizes, runs on CPU (what the tests run)")
