@@ -161,7 +161,8 @@ def restore(w: Worker, checkpoint, device) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as d:
-        saved = json.loads(open(os.path.join(d, COHORT_FILE)).read())
+        with open(os.path.join(d, COHORT_FILE)) as f:
+            saved = json.load(f)
         for m in w.members:
             s = saved["members"].get(m.name)
             if s is None:
